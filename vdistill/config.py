@@ -1,0 +1,300 @@
+"""One typed, validated config for a whole run: YAML preset + dotted `key=value` overrides.
+
+Every stage reads its own section; nothing reads configuration back from the tracker. A bad value
+fails before any work starts, with the dotted key and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: the dotted key and what it accepts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="run id; outputs go to <root>/<name>/")
+    root: str = Field("runs", description="run root URI (local path or s3://bucket/prefix)")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class StorageConfig(_Section):
+    """S3 settings; empty values fall back to the standard AWS variables (AWS_ENDPOINT_URL, ...)."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key: str = Field("", repr=False)
+    secret_key: str = Field("", repr=False)
+
+
+class DataConfig(_Section):
+    dataset: Literal["generic_csv", "kinetics400", "ssv2", "ucf101", "miniucf", "hmdb51"] = "generic_csv"
+    root: str = Field("", description="URI of the video files")
+    annotations: str = Field("", description="URI of the annotation files (default: data.root)")
+    split_id: int = Field(1, ge=1, le=3, description="official split number (UCF101, HMDB51)")
+    hmdb_unused_as_train: bool = Field(True, description="HMDB51: count split-file id 0 (unused) as train, like the paper")
+    k400_replacement: str = Field("replacement", description="K400 folder (under root) searched when a clip is missing")
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+class DemoConfig(_Section):
+    """The procedural demo dataset (vdistill.data.synthetic)."""
+
+    classes: int = Field(10, ge=2, le=20)
+    train_per_class: int = Field(30, ge=1)
+    test_per_class: int = Field(10, ge=1)
+    size: int = Field(64, ge=16, le=512)
+    frames: int = Field(16, ge=4)
+    fps: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class DecodeConfig(_Section):
+    frames: int = Field(8, ge=1, le=512, description="T: frames per clip")
+    size: int = Field(64, ge=8, le=1024, description="output height = width")
+    resize: Literal["squash", "short_side_crop"] = "squash"
+    sampling: Literal["uniform", "stride"] = "uniform"
+    stride: int = Field(4, ge=1, description="frame step for sampling=stride")
+    start: Literal["center", "random"] = Field("center", description="where a stride window starts")
+    short_video: Literal["loop", "pad", "quarantine"] = "loop"
+    min_frames: int = Field(1, ge=1, description="videos with fewer decoded frames are quarantined as too short")
+    interpolation: Literal["bilinear", "fast_bilinear", "bicubic", "area"] = "bilinear"
+
+
+class CacheConfig(_Section):
+    uri: str = Field("", description="clip cache URI (default: <run.root>/<run.name>/cache)")
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    videos_per_task: int = Field(16, ge=1, description="videos decoded per Ray task (map_batches batch size)")
+    cpus_per_task: float = Field(1.0, gt=0)
+    max_rows_per_file: int = Field(512, ge=1)
+
+
+class ModelConfig(_Section):
+    name: Literal["convnet3d", "r3d_18", "mc3_18", "r2plus1d_18"] = "convnet3d"
+    width: int = Field(128, ge=4, description="ConvNet3D channels after the first block (paper: 128)")
+    head: Literal["paper", "adaptive"] = Field(
+        "paper", description="paper = exact ConvNet3D pooling (valid for 43..64 and >=107 px); adaptive = any size"
+    )
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    width_2d: int = Field(128, ge=4, description="2-D ConvNet (static stage) width")
+    depth_2d: int = Field(3, ge=1, le=5)
+
+
+class TrainConfig(_Section):
+    """One epoch loop shared by experts, evaluation and the full-data baseline."""
+
+    standardize: bool = Field(False, description="per-batch (x-mean)/std like the original code (method.md 1.2)")
+    augment: bool = Field(False, description="differentiable clip augmentation (crop/flip/scale/rotate/colour)")
+
+
+class ExpertsConfig(_Section):
+    num_experts: int = Field(4, ge=1)
+    epochs: int = Field(0, ge=0, description="0 = max_start_epoch + expert_epochs + margin (what MTT reads)")
+    epoch_margin: int = Field(1, ge=0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers; each trains its own experts")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="fractional GPUs let several small experts share one")
+    frames_2d: bool = Field(True, description="also train single-frame 2-D experts for the static MTT stage")
+
+
+class EvaluateConfig(_Section):
+    protocol: Literal["paper", "fast"] = "fast"
+    num_eval: int = Field(3, ge=1)
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(0.01, gt=0)
+    use_learned_lr: bool = Field(True, description="train with the distilled synthetic lr when there is one")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    test_passes: int = Field(1, ge=1)
+    test_flip: bool = False
+    models: list[Literal["convnet3d", "r3d_18", "mc3_18", "r2plus1d_18"]] = ["convnet3d"]
+    coreset_embedder: Literal["random", "expert"] = "random"
+    cpus_per_task: float = Field(1.0, gt=0)
+    gpus_per_task: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _paper_protocol(self) -> "EvaluateConfig":
+        """`protocol: paper` pins method.md section 6 regardless of the fast defaults."""
+        if self.protocol == "paper":
+            for key, value in dict(epochs=501, momentum=0.9, weight_decay=5e-4, test_passes=3, test_flip=True).items():
+                object.__setattr__(self, key, value)
+        return self
+
+
+class StaticConfig(_Section):
+    method: Literal["dm", "mtt", "dc"] = "dm"
+    iterations: int = Field(200, ge=0)
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    batch_real: int = Field(64, ge=1)
+    init: Literal["real", "noise"] = "real"
+
+
+class DynamicConfig(_Section):
+    method: Literal["dm", "mtt"] = "dm"
+    vpc: int = Field(1, ge=1, description="synthetic videos per class")
+    statics_per_slot: int = Field(2, ge=1)
+    dynamics_per_slot: int = Field(2, ge=1)
+    iterations: int = Field(200, ge=0)
+    lr_dynamic: float = Field(1e-4, gt=0)
+    lr_integrator: float = Field(1e-5, gt=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    train_static: bool = False
+    lr_static: float = Field(100.0, gt=0)
+    batch_real: int = Field(64, ge=1)
+    syn_steps: int = Field(10, ge=1)
+    expert_epochs: int = Field(1, ge=1)
+    max_start_epoch: int = Field(10, ge=1)
+    lr_teacher: float = Field(0.01, gt=0)
+    train_lr: bool = True
+    lr_lr: float = Field(1e-5, gt=0)
+    min_syn_lr: float = Field(1e-3, gt=0)
+    batch_syn: int = Field(0, ge=0, description="0 = all C*vpc synthetic videos per student step")
+    mtt_mode: Literal["constant", "unrolled"] = Field("constant", description="memory-constant (TESLA) or unrolled")
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 = evaluate only at the end")
+
+
+class BaselinesConfig(_Section):
+    """What the results table compares against (each at dynamic.vpc videos per class)."""
+
+    coresets: list[Literal["random", "herding", "kcenter"]] = ["random", "herding"]
+    pixel_methods: list[Literal["dm", "mtt"]] = ["dm", "mtt"]
+    s2d_methods: list[Literal["dm", "mtt"]] = ["dm", "mtt"]
+    full: bool = True
+    pixel_iterations: int = Field(200, ge=0)
+    pixel_lr_dm: float = Field(1.0, gt=0)
+    pixel_lr_mtt: float = Field(100.0, gt=0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str = Field("", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite under the run folder")
+    experiment: str = "vdistill"
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    decode: DecodeConfig = DecodeConfig()
+    cache: CacheConfig = CacheConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    static: StaticConfig = StaticConfig()
+    dynamic: DynamicConfig = DynamicConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _mtt_reads_existing_snapshots(self) -> "Config":
+        if self.experts.epochs and self.experts.epochs < self.dynamic.max_start_epoch + self.dynamic.expert_epochs:
+            raise ValueError(
+                f"experts.epochs={self.experts.epochs} is shorter than dynamic.max_start_epoch + "
+                f"dynamic.expert_epochs = {self.dynamic.max_start_epoch + self.dynamic.expert_epochs}; "
+                "raise experts.epochs or set it to 0 (auto)"
+            )
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.run.root.rstrip('/')}/{self.run.name}"
+
+    @property
+    def cache_uri(self) -> str:
+        return self.cache.uri or f"{self.run_uri}/cache"
+
+    @property
+    def expert_epochs_to_train(self) -> int:
+        return self.experts.epochs or (
+            self.dynamic.max_start_epoch + self.dynamic.expert_epochs + self.experts.epoch_margin
+        )
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage's input identity for resume checks."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config without credentials, for files next to outputs and for MLflow params."""
+        data = self.model_dump(mode="json")
+        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("access_key", "secret_key")}
+        return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. decode.frames=16")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override key {'.'.join(path)!r}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-after"))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(parent)
+        return f"unknown config key {key!r}; allowed here: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"{key}: {error['msg'].replace('Input should be', 'must be one of')} (got {error['input']!r})"
+    where = f"{key}: " if key else ""
+    return f"{where}{error['msg']} (got {error.get('input')!r})" if key else error["msg"]
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset YAML (or the built-in defaults) + overrides -> validated Config, or ConfigError."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (e.g. configs/demo.yaml)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None

@@ -1,0 +1,29 @@
+"""Networks: ConvNet3D (distillation + evaluation), ConvNet2D (still images), the integrator, and a factory."""
+from __future__ import annotations
+
+from torch import nn
+
+from vdistill.models.convnet2d import ConvNet2D
+from vdistill.models.convnet3d import ConvNet3D
+from vdistill.models.functional import flat_params, functional_forward, load_flat_, param_names, unflatten
+from vdistill.models.integrator import Integrator
+
+__all__ = ["ConvNet2D", "ConvNet3D", "Integrator", "build_model", "flat_params", "functional_forward",
+           "load_flat_", "param_names", "unflatten"]
+
+
+def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=None) -> nn.Module:
+    """Network by registry name; `model_cfg` is a ModelConfig (width, head, dropout, 2-D width/depth).
+
+    Video models take `(B, T, 3, H, W)`; `convnet2d` takes `(B, 3, H, W)`.
+    """
+    width = getattr(model_cfg, "width", 128)
+    if name == "convnet3d":
+        return ConvNet3D(num_classes, frames, size, width=width, head=getattr(model_cfg, "head", "paper"),
+                         dropout=getattr(model_cfg, "dropout", 0.5))
+    if name == "convnet2d":
+        return ConvNet2D(num_classes, size, width=getattr(model_cfg, "width_2d", 128),
+                         depth=getattr(model_cfg, "depth_2d", 3))
+    from vdistill.models.video_zoo import build_torchvision_video_model
+
+    return build_torchvision_video_model(name, num_classes)

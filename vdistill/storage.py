@@ -1,0 +1,190 @@
+"""URI I/O for every stage (local paths and s3://) over pyarrow.fs, with atomic writes.
+
+A reader must never see half an object: local writes go to a temporary name and are renamed,
+S3 objects appear only when their upload completes. pyarrow ignores AWS_ENDPOINT_URL, so the
+endpoint is resolved here explicitly, from config first and then the standard AWS variables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Picklable handle: Ray workers rebuild the filesystem from these fields."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Any = None) -> "Storage":
+        """From a StorageConfig (or None), falling back to AWS_* environment variables."""
+        env = os.environ
+        get = (lambda k: getattr(cfg, k, "") or "") if cfg is not None else (lambda k: "")
+        return cls(
+            endpoint_url=get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL", ""),
+            region=get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", "us-east-1"),
+            access_key=get("access_key") or env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_key=get("secret_key") or env.get("AWS_SECRET_ACCESS_KEY", ""),
+        )
+
+    # ---- resolution -------------------------------------------------------------------------
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """URI -> (filesystem, path inside it)."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            return self._s3(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        if parsed.scheme in ("", "file"):
+            path = parsed.path if parsed.scheme == "file" else uri
+            return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}; use a local path or s3://bucket/key")
+
+    def _s3(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, Any] = {"region": self.region or "us-east-1"}
+        if self.endpoint_url:
+            ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
+            kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+        return pafs.S3FileSystem(**kwargs)
+
+    # ---- reading ----------------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        fs, path = self.resolve(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_file(self, uri: str) -> bool:
+        fs, path = self.resolve(uri)
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+    def size(self, uri: str) -> int:
+        fs, path = self.resolve(uri)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(uri)
+        return int(info.size)
+
+    def open_input(self, uri: str) -> pafs.NativeFile:
+        """Seekable random-access stream (mp4 with `moov` at the end needs seeking)."""
+        fs, path = self.resolve(uri)
+        return fs.open_input_file(path)
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open_input(uri) as f:
+            return f.read()
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def read_json_or(self, uri: str, default: Any = None) -> Any:
+        return self.read_json(uri) if self.is_file(uri) else default
+
+    def list_files(self, uri: str, recursive: bool = True) -> list[str]:
+        """Files under a folder URI, as URIs, sorted; [] when the folder does not exist."""
+        fs, path = self.resolve(uri)
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        prefix = uri.rstrip("/")
+        infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        return sorted(f"{prefix}/{os.path.relpath(i.path, path)}" for i in infos)
+
+    # ---- writing ----------------------------------------------------------------------------
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Atomic: readers see the old object, nothing, or the whole new one."""
+        fs, path = self.resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return
+        with fs.open_output_stream(path) as out:  # S3: the object appears when the upload completes
+            out.write(data)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def upload_file(self, local_path: str, uri: str) -> None:
+        with open(local_path, "rb") as f:
+            self.write_bytes(uri, f.read())
+
+    def delete(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    # ---- tensors (safetensors: no pickle, so files from storage cannot run code) --------------
+    def write_tensors(self, uri: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save
+
+        self.write_bytes(uri, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
+
+    def read_tensors(self, uri: str, names: list[str] | None = None) -> dict:
+        """All tensors, or only `names`, reading just their byte ranges (one snapshot of a trajectory)."""
+        import torch
+        from safetensors.torch import load
+
+        if names is None:
+            return load(self.read_bytes(uri))
+        header, base = self._safetensors_header_of(uri)
+        out = {}
+        with self.open_input(uri) as f:
+            for name in names:
+                if name not in header:
+                    raise KeyError(f"{uri} has no tensor {name!r}")
+                entry = header[name]
+                start, end = entry["data_offsets"]
+                f.seek(base + start)
+                raw = bytearray(f.read(end - start))
+                dtype = _torch_dtype(entry["dtype"])
+                out[name] = torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(
+                    entry["shape"], dtype=dtype
+                )
+        return out
+
+    def read_tensor_metadata(self, uri: str) -> dict[str, str]:
+        header, _ = self._safetensors_header_of(uri)
+        return header.get("__metadata__", {})
+
+    def tensor_names(self, uri: str) -> list[str]:
+        header, _ = self._safetensors_header_of(uri)
+        return [k for k in header if k != "__metadata__"]
+
+    def _safetensors_header_of(self, uri: str) -> tuple[dict, int]:
+        with self.open_input(uri) as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(length)), 8 + length
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+    return names[name]
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
