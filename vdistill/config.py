@@ -27,6 +27,8 @@ class RunConfig(_Section):
     root: str = Field("runs", description="run root URI (local path or s3://bucket/prefix)")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    coordinator_cpus: float = Field(1.0, ge=0, description="Ray CPUs held by the coordinator actor (runs distillation)")
+    coordinator_gpus: float = Field(0.0, ge=0, description="Ray GPUs held by the coordinator actor; 1 on GPU clusters")
 
 
 class StorageConfig(_Section):
@@ -110,6 +112,8 @@ class ExpertsConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional GPUs let several small experts share one")
     frames_2d: bool = Field(True, description="also train single-frame 2-D experts for the static MTT stage")
+    test_every: int = Field(10, ge=0, description="test top1/top5 every n epochs and after the last (0 = last only)")
+    max_failures: int = Field(3, ge=-1, description="Ray Train restarts after a worker error (-1 = unlimited)")
 
 
 class EvaluateConfig(_Section):
@@ -176,7 +180,12 @@ class BaselinesConfig(_Section):
 
     coresets: list[Literal["random", "herding", "kcenter"]] = ["random", "herding"]
     pixel_methods: list[Literal["dm", "mtt"]] = ["dm", "mtt"]
-    s2d_methods: list[Literal["dm", "mtt"]] = ["dm", "mtt"]
+    s2d_methods: list[Literal["dm", "mtt"]] = Field(
+        [], description="extra S2D runs besides dynamic.method, e.g. [dm] when dynamic.method is mtt"
+    )
+    s2d_overrides: dict[Literal["dm", "mtt"], dict[str, Any]] = Field(
+        {}, description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
+    )
     full: bool = True
     pixel_iterations: int = Field(200, ge=0)
     pixel_lr_dm: float = Field(1.0, gt=0)
@@ -214,6 +223,30 @@ class Config(_Section):
                 "raise experts.epochs or set it to 0 (auto)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _s2d_overrides_are_dynamic_keys(self) -> "Config":
+        for method, values in self.baselines.s2d_overrides.items():
+            unknown = sorted(set(values) - set(DynamicConfig.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"baselines.s2d_overrides.{method} has unknown key(s) {unknown}; "
+                    f"allowed: {', '.join(sorted(DynamicConfig.model_fields))}"
+                )
+            self.dynamic_for(method)
+        return self
+
+    def dynamic_for(self, method: str) -> DynamicConfig:
+        """The dynamic-stage settings of one S2D method: dynamic.* with that method's overrides on top."""
+        if method == self.dynamic.method:
+            return self.dynamic
+        values = {**self.dynamic.model_dump(), **self.baselines.s2d_overrides.get(method, {}), "method": method}
+        return DynamicConfig.model_validate(values)
+
+    @property
+    def s2d_methods(self) -> list[str]:
+        """dynamic.method first, then the extra ones."""
+        return [self.dynamic.method] + [m for m in self.baselines.s2d_methods if m != self.dynamic.method]
 
     @property
     def run_uri(self) -> str:
@@ -267,8 +300,8 @@ def _describe(error: dict) -> str:
         return f"unknown config key {key!r}; allowed here: {', '.join(allowed)}"
     if kind == "literal_error":
         return f"{key}: {error['msg'].replace('Input should be', 'must be one of')} (got {error['input']!r})"
-    where = f"{key}: " if key else ""
-    return f"{where}{error['msg']} (got {error.get('input')!r})" if key else error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})" if key else message
 
 
 def _allowed_keys(section: str) -> list[str]:
@@ -281,16 +314,27 @@ def _allowed_keys(section: str) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_preset(path: Path) -> dict:
+    """YAML preset; a top-level `base: other.yaml` (relative to this file) is loaded first and overlaid."""
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (e.g. configs/demo.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    return _deep_merge(_read_preset(path.parent / base), data) if base else data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Preset YAML (or the built-in defaults) + overrides -> validated Config, or ConfigError."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (e.g. configs/demo.yaml)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _read_preset(Path(path)) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _merge(data, key, value)

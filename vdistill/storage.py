@@ -138,7 +138,7 @@ class Storage:
     def write_tensors(self, uri: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save
 
-        self.write_bytes(uri, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
+        self.write_bytes(uri, save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata))
 
     def read_tensors(self, uri: str, names: list[str] | None = None) -> dict:
         """All tensors, or only `names`, reading just their byte ranges (one snapshot of a trajectory)."""
