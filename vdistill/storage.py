@@ -50,7 +50,9 @@ class Storage:
         raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}; use a local path or s3://bucket/key")
 
     def _s3(self) -> pafs.S3FileSystem:
-        kwargs: dict[str, Any] = {"region": self.region or "us-east-1"}
+        # Delayed open: objects under one part (5 MB) go up as a single PutObject instead of a multipart
+        # upload (fewer requests; moto's server answers CompleteMultipartUpload in a form pyarrow 25 rejects).
+        kwargs: dict[str, Any] = {"region": self.region or "us-east-1", "allow_delayed_open": True}
         if self.endpoint_url:
             ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
             kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)

@@ -1,0 +1,170 @@
+"""Dataset adapters on small annotation files in the official formats (files are placeholders: only existence counts)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vdistill.config import DataConfig
+from vdistill.data.manifests import MINIUCF_CLASSES, build_manifest
+from vdistill.storage import Storage, join
+
+
+def _touch(storage: Storage, root: str, *paths: str) -> None:
+    for p in paths:
+        storage.write_bytes(join(root, p), b"x")
+
+
+def _data(tmp_path, dataset: str, **kw) -> DataConfig:
+    return DataConfig(dataset=dataset, root=str(tmp_path / "videos"), annotations=str(tmp_path / "ann"), **kw)
+
+
+def _by_split(manifest) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list] = {}
+    for r in manifest.rows:
+        out.setdefault(r.split, []).append((r.uri.rsplit("/", 1)[1], manifest.classes[r.label]))
+    return out
+
+
+K400_HEADER = "label,youtube_id,time_start,time_end,split\n"
+
+
+@pytest.fixture
+def k400(tmp_path):
+    storage = Storage()
+    ann = str(tmp_path / "ann")
+    storage.write_text(join(ann, "train.csv"), K400_HEADER + "abseiling,aaa,0,10,train\n"
+                       "air drumming,bbb,5,15,train\nzumba,ccc,12,22,train\n")
+    storage.write_text(join(ann, "validate.csv"), K400_HEADER + "zumba,ddd,1,11,validate\n"
+                       "abseiling,eee,0,10,validate\n")
+    _touch(storage, str(tmp_path / "videos"), "train/aaa_000000_000010.mp4",
+           "train/air_drumming/bbb_000005_000015.mp4", "replacement/ccc_000012_000022.mp4",
+           "val/ddd_000001_000011.mp4")
+    return build_manifest(_data(tmp_path, "kinetics400"), storage)
+
+
+def test_k400_finds_flat_labelled_and_replacement_files(k400):
+    assert sorted(_by_split(k400)["train"]) == [("aaa_000000_000010.mp4", "abseiling"),
+                                                 ("bbb_000005_000015.mp4", "air drumming"),
+                                                 ("ccc_000012_000022.mp4", "zumba")]
+
+
+def test_k400_validate_becomes_test_and_missing_is_reported(k400):
+    assert _by_split(k400)["test"] == [("ddd_000001_000011.mp4", "zumba")]
+    assert [m["reason"] for m in k400.missing] == ["missing"]
+    assert "eee_000000_000010.mp4" in k400.missing[0]["uri"]
+
+
+def test_k400_class_list_is_global_and_sorted(k400):
+    assert k400.classes == ["abseiling", "air drumming", "zumba"]
+
+
+def test_ssv2_labels_by_template_without_brackets(tmp_path):
+    storage = Storage()
+    ann = str(tmp_path / "ann")
+    storage.write_json(join(ann, "labels.json"), {"Approaching something with your camera": "0",
+                                                  "Holding something next to something": "1",
+                                                  "Pushing something from left to right": "2"})
+    storage.write_text(join(ann, "train.json"), json.dumps([
+        {"id": "11", "label": "holding a cup next to a pen", "template": "Holding [something] next to [something]",
+         "placeholders": ["a cup", "a pen"]},
+        {"id": "12", "label": "pushing a box from left to right",
+         "template": "Pushing [something] from left to right", "placeholders": ["a box"]}]))
+    storage.write_text(join(ann, "validation.json"), json.dumps([
+        {"id": "13", "label": "approaching a tree with your camera",
+         "template": "Approaching [something] with your camera", "placeholders": ["a tree"]},
+        {"id": "14", "label": "x", "template": "Approaching [something] with your camera", "placeholders": []}]))
+    _touch(storage, str(tmp_path / "videos"), "11.webm", "12.webm", "13.webm")
+    m = build_manifest(_data(tmp_path, "ssv2"), storage)
+    assert [(r.uri.rsplit("/", 1)[1], r.label, r.split) for r in m.rows] == [
+        ("13.webm", 0, "test"), ("11.webm", 1, "train"), ("12.webm", 2, "train")]
+    assert len(m.missing) == 1 and m.missing[0]["uri"].endswith("14.webm")
+
+
+def _ucf(tmp_path, classes: list[str]) -> Storage:
+    storage = Storage()
+    ann = str(tmp_path / "ann" / "ucfTrainTestlist")
+    storage.write_text(join(ann, "classInd.txt"), "".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    for n in (1, 2):
+        train = "".join(f"{c}/v_{c}_g{10 + n:02d}_c01.avi {i + 1}\n" for i, c in enumerate(classes))
+        test = "".join(f"{c}/v_{c}_g{n:02d}_c01.avi\n" for c in classes)
+        storage.write_text(join(ann, f"trainlist{n:02d}.txt"), train)
+        storage.write_text(join(ann, f"testlist{n:02d}.txt"), test)
+        _touch(storage, str(tmp_path / "videos"),
+               *[f"{c}/v_{c}_g{10 + n:02d}_c01.avi" for c in classes], *[f"{c}/v_{c}_g{n:02d}_c01.avi" for c in classes])
+    return storage
+
+
+def test_ucf101_uses_requested_split_files(tmp_path):
+    storage = _ucf(tmp_path, ["Archery", "ApplyEyeMakeup", "YoYo"])
+    m = build_manifest(_data(tmp_path, "ucf101", split_id=2), storage)
+    assert m.classes == ["ApplyEyeMakeup", "Archery", "YoYo"]
+    assert sorted(_by_split(m)["train"]) == [(f"v_{c}_g12_c01.avi", c) for c in m.classes]
+    assert sorted(_by_split(m)["test"]) == [(f"v_{c}_g02_c01.avi", c) for c in m.classes]
+
+
+def test_miniucf_keeps_only_the_paper_classes(tmp_path):
+    storage = _ucf(tmp_path, ["ApplyEyeMakeup", "Archery", "Biking", "YoYo"])
+    m = build_manifest(_data(tmp_path, "miniucf"), storage)
+    assert len(MINIUCF_CLASSES) == 50
+    assert m.classes == ["ApplyEyeMakeup", "Biking"]
+    assert {c for _, c in _by_split(m)["test"]} == {"ApplyEyeMakeup", "Biking"}
+
+
+@pytest.fixture
+def hmdb(tmp_path):
+    storage = Storage()
+    ann = str(tmp_path / "ann")
+    for c in ("brush_hair", "wave"):
+        storage.write_text(join(ann, f"{c}_test_split1.txt"), f"{c}_a.avi 1 \n{c}_b.avi 2 \n{c}_c.avi 0 \n")
+        storage.write_text(join(ann, f"{c}_test_split2.txt"), f"{c}_a.avi 2 \n{c}_b.avi 1 \n{c}_c.avi 1 \n")
+        _touch(storage, str(tmp_path / "videos"), f"{c}/{c}_a.avi", f"{c}/{c}_b.avi", f"{c}/{c}_c.avi")
+    return storage
+
+
+def test_hmdb_unused_videos_join_train_by_default(tmp_path, hmdb):
+    m = build_manifest(_data(tmp_path, "hmdb51"), hmdb)
+    assert sorted(n for n, _ in _by_split(m)["train"]) == ["brush_hair_a.avi", "brush_hair_c.avi", "wave_a.avi",
+                                                            "wave_c.avi"]
+    assert sorted(n for n, _ in _by_split(m)["test"]) == ["brush_hair_b.avi", "wave_b.avi"]
+
+
+def test_hmdb_unused_videos_excluded_and_counted_when_off(tmp_path, hmdb):
+    m = build_manifest(_data(tmp_path, "hmdb51", hmdb_unused_as_train=False), hmdb)
+    assert len(_by_split(m)["train"]) == 2 and m.excluded == {"unused": 2}
+
+
+def test_hmdb_reads_requested_split(tmp_path, hmdb):
+    m = build_manifest(_data(tmp_path, "hmdb51", split_id=2), hmdb)
+    assert sorted(n for n, _ in _by_split(m)["test"]) == ["brush_hair_a.avi", "wave_a.avi"]
+
+
+def test_generic_csv_resolves_paths_splits_and_windows(tmp_path):
+    storage = Storage()
+    root = str(tmp_path / "videos")
+    _touch(storage, root, "a/1.mp4", "b/2.mp4", "b/3.mp4")
+    csv_uri = str(tmp_path / "ann.csv")
+    storage.write_text(csv_uri, "path,label,split,start,end\na/1.mp4,10,,,\nb/2.mp4,2,val,1.5,3\n"
+                                "b/3.mp4,2,train,,\nb/gone.mp4,7,test,,\n")
+    m = build_manifest(DataConfig(dataset="generic_csv", root=root, annotations=csv_uri), storage)
+    assert m.classes == ["2", "7", "10"]  # numeric labels sort numerically; a missing row's class still counts
+    got = [(r.uri.rsplit("/", 1)[1], m.classes[r.label], r.split, r.start_s, r.end_s) for r in m.rows]
+    assert got == [("2.mp4", "2", "test", 1.5, 3.0), ("3.mp4", "2", "train", None, None),
+                   ("1.mp4", "10", "train", None, None)]
+    assert [(x["reason"], x["uri"].rsplit("/", 1)[1]) for x in m.missing] == [("missing", "gone.mp4")]
+
+
+def test_unknown_dataset_names_the_known_ones(tmp_path):
+    cfg = DataConfig.model_construct(dataset="imagenet", root="", annotations="x")
+    with pytest.raises(ValueError, match="generic_csv"):
+        build_manifest(cfg, Storage())
+
+
+def test_generic_csv_duplicate_rows_are_counted_once(tmp_path):
+    storage = Storage()
+    root = str(tmp_path / "videos")
+    _touch(storage, root, "a.mp4")
+    csv_uri = str(tmp_path / "ann.csv")
+    storage.write_text(csv_uri, "a.mp4,x\na.mp4,x\n")
+    m = build_manifest(DataConfig(dataset="generic_csv", root=root, annotations=csv_uri), storage)
+    assert len(m.rows) == 1 and m.excluded == {"duplicate": 1}

@@ -1,0 +1,291 @@
+"""Dataset registry: official annotation files -> video rows with ONE global class list (method.md W-5, W-6).
+
+Each adapter reads the dataset's own annotation format through Storage and returns a `Manifest`:
+rows `(uri, label, split, start_s, end_s)` whose `label` indexes `classes`, a list shared by all splits.
+Annotation rows whose video file is not found are returned in `missing` (reason "missing") so the
+ingest reports them; they are never dropped silently (W-21). Split names are always
+`data.train_split` / `data.test_split`; the official evaluation split (K400 `validate`, SSv2
+`validation`, UCF/HMDB `test`) becomes the test split.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vdistill.storage import join
+
+# The 50 UCF101 classes of the paper's miniUCF (method.md 1.1, from ucf50_splits1.csv).
+MINIUCF_CLASSES = (
+    "ApplyEyeMakeup", "BalanceBeam", "BandMarching", "BaseballPitch", "Basketball", "BasketballDunk", "Biking",
+    "Billiards", "BlowingCandles", "Bowling", "BreastStroke", "CleanAndJerk", "CliffDiving", "CricketShot",
+    "Diving", "FloorGymnastics", "FrisbeeCatch", "GolfSwing", "HammerThrow", "HighJump", "HorseRace",
+    "HorseRiding", "HulaHoop", "IceDancing", "JumpingJack", "Knitting", "MilitaryParade", "Mixing",
+    "ParallelBars", "PlayingPiano", "PlayingViolin", "PoleVault", "PommelHorse", "Punch", "Rafting", "Rowing",
+    "SkateBoarding", "Skiing", "Skijet", "SkyDiving", "SoccerPenalty", "StillRings", "SumoWrestling", "Surfing",
+    "Swing", "TennisSwing", "TrampolineJumping", "UnevenBars", "VolleyballSpiking", "WritingOnBoard",
+)
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """One clip to decode; `start_s`/`end_s` None = the whole file."""
+
+    uri: str
+    label: int
+    split: str
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    classes: list[str]
+    rows: list[VideoRow]
+    missing: list[dict] = field(default_factory=list)  # {"uri", "reason": "missing", "detail"}
+    excluded: dict[str, int] = field(default_factory=dict)  # rows left out on purpose, by why
+
+
+class _FileIndex:
+    """One recursive listing of the video root, so existence checks cost no request per row."""
+
+    def __init__(self, storage: Any, root: str) -> None:
+        self.root = root.rstrip("/")
+        uris = storage.list_files(self.root)
+        self.relative = {u[len(self.root) + 1:]: u for u in uris}
+        self.by_name: dict[str, str] = {}
+        for rel, uri in sorted(self.relative.items()):
+            self.by_name.setdefault(posixpath.basename(rel), uri)
+
+    def find(self, candidates: list[str]) -> str | None:
+        return next((self.relative[c] for c in candidates if c in self.relative), None)
+
+
+def _annotations(data_cfg: Any) -> str:
+    uri = data_cfg.annotations or data_cfg.root
+    if not uri:
+        raise ValueError("data.annotations (or data.root) must point at the dataset's annotation files")
+    return uri
+
+
+def _first_file(storage: Any, folder: str, names: list[str]) -> str:
+    """The first of `names` (relative to folder) that exists; clear error listing what was tried."""
+    for name in names:
+        uri = join(folder, name)
+        if storage.is_file(uri):
+            return uri
+    raise FileNotFoundError(f"none of {names} found under {folder}")
+
+
+def _missing(where: str, detail: str) -> dict:
+    return {"uri": where, "reason": "missing", "detail": detail}
+
+
+def _index_rows(classes: list[str], items: list[tuple[str, str, str, float | None, float | None]]) -> list[VideoRow]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [VideoRow(uri, index[label], split, t0, t1) for uri, label, split, t0, t1 in items]
+
+
+# ---- Kinetics-400 ----------------------------------------------------------------------------------
+def kinetics400(data_cfg: Any, storage: Any) -> Manifest:
+    """train.csv -> train, validate.csv (or val.csv; else test.csv) -> test. Clips are pre-trimmed files.
+
+    File `<youtube_id>_<start:06d>_<end:06d>.mp4` under `<root>/<split dir>/` (flat or per-label folder,
+    label with spaces or underscores), else under `<root>/<k400_replacement>/` (also its nested
+    `replacement_for_corrupted_k400/`, where the official replacement archive unpacks).
+    """
+    ann = _annotations(data_cfg)
+    files = _FileIndex(storage, data_cfg.root)
+    sources = [("train", ["train.csv"], ["train"], data_cfg.train_split),
+               ("validate", ["validate.csv", "val.csv", "test.csv"], ["validate", "val", "test"], data_cfg.test_split)]
+    items, missing, labels, unlabelled = [], [], set(), 0
+    repl = data_cfg.k400_replacement.strip("/")
+    for _, csv_names, dirs, split in sources:
+        text = storage.read_text(_first_file(storage, ann, csv_names))
+        for rec in csv.DictReader(io.StringIO(text)):
+            label = (rec.get("label") or "").strip()
+            if not label:  # the official test.csv has no labels
+                unlabelled += 1
+                continue
+            labels.add(label)
+            name = f"{rec['youtube_id']}_{int(rec['time_start']):06d}_{int(rec['time_end']):06d}.mp4"
+            cands = [f"{d}/{sub}{name}" for d in dirs for sub in ("", f"{label}/", f"{label.replace(' ', '_')}/")]
+            cands += [f"{repl}/{name}", f"{repl}/replacement_for_corrupted_k400/{name}"]
+            uri = files.find(cands)
+            if uri is None:
+                missing.append(_missing(join(data_cfg.root, dirs[0], name), f"K400 clip not found ({label})"))
+            else:
+                items.append((uri, label, split, None, None))
+    classes = sorted(labels)
+    excluded = {"unlabelled": unlabelled} if unlabelled else {}
+    return Manifest("kinetics400", classes, _index_rows(classes, items), missing, excluded)
+
+
+# ---- Something-Something V2 -------------------------------------------------------------------------
+def ssv2(data_cfg: Any, storage: Any) -> Manifest:
+    """labels.json (template -> index) + train/validation JSON lists; the class is the official index of
+    the entry's template with `[` `]` removed, so `classes` is in official-index order. Files `<id>.webm`."""
+    ann = _annotations(data_cfg)
+    labels = storage.read_json(_first_file(storage, ann, ["something-something-v2-labels.json", "labels.json"]))
+    classes = [name for name, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
+    files = _FileIndex(storage, data_cfg.root)
+    items, missing = [], []
+    for names, split in ((["something-something-v2-train.json", "train.json"], data_cfg.train_split),
+                         (["something-something-v2-validation.json", "validation.json"], data_cfg.test_split)):
+        for rec in storage.read_json(_first_file(storage, ann, names)):
+            template = rec["template"].replace("[", "").replace("]", "")
+            uri = files.by_name.get(f"{rec['id']}.webm")
+            if uri is None:
+                missing.append(_missing(join(data_cfg.root, f"{rec['id']}.webm"), f"SSv2 video {rec['id']}"))
+            else:
+                items.append((uri, template, split, None, None))
+    return Manifest("ssv2", classes, _index_rows(classes, items), missing)
+
+
+# ---- UCF101 / miniUCF -------------------------------------------------------------------------------
+def _ucf_rows(data_cfg: Any, storage: Any, keep: set[str] | None) -> tuple[list[str], list, list]:
+    ann = _annotations(data_cfg)
+    prefixes = ["", "ucfTrainTestlist/"]
+    class_ind = storage.read_text(_first_file(storage, ann, [f"{p}classInd.txt" for p in prefixes]))
+    classes = sorted(line.split()[1] for line in class_ind.splitlines() if line.strip())
+    if keep is not None:
+        classes = [c for c in classes if c in keep]
+    files = _FileIndex(storage, data_cfg.root)
+    items, missing = [], []
+    n = data_cfg.split_id
+    for kind, split in (("train", data_cfg.train_split), ("test", data_cfg.test_split)):
+        text = storage.read_text(_first_file(storage, ann, [f"{p}{kind}list{n:02d}.txt" for p in prefixes]))
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            rel = line.split()[0]
+            label = rel.split("/")[0]
+            if label not in classes:
+                continue
+            uri = files.find([rel]) or files.by_name.get(posixpath.basename(rel))
+            if uri is None:
+                missing.append(_missing(join(data_cfg.root, rel), "UCF101 video not found"))
+            else:
+                items.append((uri, label, split, None, None))
+    return classes, items, missing
+
+
+def ucf101(data_cfg: Any, storage: Any) -> Manifest:
+    """classInd.txt + trainlist0N/testlist0N (N = data.split_id), classes sorted by name like the paper."""
+    classes, items, missing = _ucf_rows(data_cfg, storage, None)
+    return Manifest("ucf101", classes, _index_rows(classes, items), missing)
+
+
+def miniucf(data_cfg: Any, storage: Any) -> Manifest:
+    """UCF101 restricted to the paper's 50 classes (MINIUCF_CLASSES)."""
+    classes, items, missing = _ucf_rows(data_cfg, storage, set(MINIUCF_CLASSES))
+    return Manifest("miniucf", classes, _index_rows(classes, items), missing)
+
+
+# ---- HMDB51 ----------------------------------------------------------------------------------------
+def hmdb51(data_cfg: Any, storage: Any) -> Manifest:
+    """`<class>_test_split<N>.txt` lines `video.avi id`: 1 = train, 2 = test, 0 = unused.
+
+    With `data.hmdb_unused_as_train` (default, the paper's choice: 5,236 train videos in split 1) the
+    unused videos join train; otherwise they are left out and counted in `excluded["unused"]`.
+    """
+    ann = _annotations(data_cfg)
+    pattern = re.compile(rf"^(.+)_test_split{data_cfg.split_id}\.txt$")
+    split_files = {}
+    for uri in storage.list_files(ann):
+        m = pattern.match(posixpath.basename(uri))
+        if m:
+            split_files[m.group(1)] = uri
+    if not split_files:
+        raise FileNotFoundError(f"no <class>_test_split{data_cfg.split_id}.txt files under {ann}")
+    classes = sorted(split_files)
+    files = _FileIndex(storage, data_cfg.root)
+    to_split = {"1": data_cfg.train_split, "2": data_cfg.test_split}
+    if data_cfg.hmdb_unused_as_train:
+        to_split["0"] = data_cfg.train_split
+    items, missing, unused = [], [], 0
+    for label in classes:
+        for line in storage.read_text(split_files[label]).splitlines():
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            name, code = parts[0], parts[1]
+            if code not in to_split:
+                unused += 1
+                continue
+            uri = files.find([f"{label}/{name}"]) or files.by_name.get(name)
+            if uri is None:
+                missing.append(_missing(join(data_cfg.root, label, name), "HMDB51 video not found"))
+            else:
+                items.append((uri, label, to_split[code], None, None))
+    return Manifest("hmdb51", classes, _index_rows(classes, items), missing, {"unused": unused} if unused else {})
+
+
+# ---- generic CSV -----------------------------------------------------------------------------------
+_TEST_NAMES = {"test", "val", "valid", "validate", "validation"}
+
+
+def _is_absolute(path: str) -> bool:
+    return "://" in path or path.startswith("/")
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    """Sorted names; all-integer labels sort numerically ("2" before "10")."""
+    if labels and all(lbl.isdigit() for lbl in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
+    """`path,label[,split,start,end]` (optional header); relative paths resolve against data.root (or
+    the CSV's folder); split defaults to train; test/val/validate/validation map to the test split."""
+    csv_uri = _annotations(data_cfg)
+    if not storage.is_file(csv_uri):
+        raise FileNotFoundError(f"generic_csv: annotation CSV {csv_uri} not found (set data.annotations)")
+    root = (data_cfg.root or csv_uri.rsplit("/", 1)[0]).rstrip("/")
+    records = [r for r in csv.reader(io.StringIO(storage.read_text(csv_uri))) if r and r[0].strip()]
+    if records and records[0][0].strip().lower() == "path":
+        records = records[1:]
+    files = _FileIndex(storage, root)
+    items, missing = [], []
+    labels = {rec[1].strip() for rec in records}
+    for rec in records:
+        path, label = rec[0].strip(), rec[1].strip()
+        raw_split = rec[2].strip().lower() if len(rec) > 2 and rec[2].strip() else "train"
+        split = data_cfg.test_split if raw_split in _TEST_NAMES else (
+            data_cfg.train_split if raw_split == "train" else raw_split)
+        t0 = float(rec[3]) if len(rec) > 3 and rec[3].strip() else None
+        t1 = float(rec[4]) if len(rec) > 4 and rec[4].strip() else None
+        uri = path if _is_absolute(path) else join(root, path)
+        found = storage.is_file(uri) if _is_absolute(path) else path.removeprefix("./") in files.relative
+        if found:
+            items.append((uri, label, split, t0, t1))
+        else:
+            missing.append(_missing(uri, f"listed in {csv_uri} ({label})"))
+    classes = _sort_labels(labels)
+    return Manifest("generic_csv", classes, _index_rows(classes, items), missing)
+
+
+ADAPTERS: dict[str, Callable[[Any, Any], Manifest]] = {
+    "kinetics400": kinetics400, "ssv2": ssv2, "ucf101": ucf101, "miniucf": miniucf, "hmdb51": hmdb51,
+    "generic_csv": generic_csv,
+}
+
+
+def build_manifest(data_cfg: Any, storage: Any) -> Manifest:
+    """Rows for `data_cfg.dataset`, deduplicated and sorted by (split, label, uri) so shards stay per class."""
+    try:
+        adapter = ADAPTERS[data_cfg.dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {data_cfg.dataset!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+    manifest = adapter(data_cfg, storage)
+    unique = set(manifest.rows)  # a row listed twice would become two clips with one key
+    if len(unique) < len(manifest.rows):
+        manifest.excluded["duplicate"] = len(manifest.rows) - len(unique)
+    manifest.rows = sorted(unique, key=lambda r: (r.split, r.label, r.uri, r.start_s or 0.0))
+    return manifest
