@@ -1,0 +1,206 @@
+"""The distilled artifact: export, load back as a Dataset (local and S3), storage accounting, previews."""
+from __future__ import annotations
+
+import av
+import pytest
+import torch
+from PIL import Image
+
+import vdistill
+from vdistill.export import (export_pixels, export_s2d, load_distilled, pixel_baseline_mb, render_artifact,
+                             s2d_storage)
+from vdistill.models import Integrator
+from vdistill.storage import Storage, join
+
+C, VPC, SPS, DPS, T, S = 3, 2, 2, 2, 6, 16
+CLASSES = ["apply eye makeup", "bowling", "yo-yo"]
+
+
+def _s2d_tensors(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    integrator = Integrator()
+    with torch.no_grad():
+        for p in integrator.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return {"static_memory": torch.randn(C * SPS * VPC, 3, S, S, generator=g),
+            "dynamic_memory": torch.randn(C, DPS * VPC, T, 1, S, S, generator=g),
+            "integrator_state": integrator.state_dict()}
+
+
+def _export_s2d(storage: Storage, uri: str, previews: bool = False, **tensors) -> dict:
+    return export_s2d(storage, uri, **(tensors or _s2d_tensors()), vpc=VPC, statics_per_slot=SPS,
+                      dynamics_per_slot=DPS, classes=CLASSES, syn_lr=0.02, config_hash="abc123",
+                      metrics={"top1": 0.4}, previews=previews)
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> tuple[Storage, str]:
+    """An artifact folder URI on local disk or on the S3 test server."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "artifact")
+    storage, bucket = request.getfixturevalue("s3_storage")
+    return storage, join(bucket, "artifacts", "s2d")
+
+
+def _integrate(tensors: dict, s_idx: int, label: int, d_idx: int) -> torch.Tensor:
+    integrator = Integrator()
+    integrator.load_state_dict(tensors["integrator_state"])
+    with torch.no_grad():
+        return integrator(tensors["static_memory"][s_idx : s_idx + 1],
+                          tensors["dynamic_memory"][label, d_idx : d_idx + 1])[0]
+
+
+def test_s2d_artifact_loads_one_class_major_video_per_slot(where):
+    storage, uri = where
+    _export_s2d(storage, uri)
+    ds = load_distilled(uri, storage)
+    assert len(ds) == C * VPC
+    assert [ds[i][1] for i in range(len(ds))] == [0, 0, 1, 1, 2, 2]
+    assert ds[0][0].shape == (T, 3, S, S) and ds[0][0].dtype == torch.float32
+    assert ds.classes == CLASSES and ds.syn_lr == pytest.approx(0.02)
+    assert ds.meta["metrics"] == {"top1": 0.4} and ds.meta["config_hash"] == "abc123"
+    assert ds.meta["layout"] == {"vpc": VPC, "statics_per_slot": SPS, "dynamics_per_slot": DPS, "spc": SPS * VPC,
+                                 "dpc": DPS * VPC, "num_slots": C * VPC}
+
+
+def test_fixed_pairing_video_is_the_integrator_of_its_owned_static_and_dynamic(tmp_path):
+    tensors = _s2d_tensors()
+    _export_s2d(Storage(), str(tmp_path), **tensors)
+    ds = load_distilled(str(tmp_path), pairing="fixed", seed=3)
+    for slot in range(len(ds)):
+        label, within = divmod(slot, VPC)
+        s_idx, d_idx = (int(x) for x in ds.pairs(torch.tensor([slot]), torch.Generator()))
+        assert SPS * VPC * label + SPS * within <= s_idx < SPS * VPC * label + SPS * (within + 1)
+        assert DPS * within <= d_idx < DPS * (within + 1)
+        video, _ = ds[slot]
+        torch.testing.assert_close(video, _integrate(tensors, s_idx, label, d_idx))
+        torch.testing.assert_close(ds[slot][0], video)  # fixed: the same video on every access
+
+
+def test_random_pairing_redraws_within_the_slot_on_each_access_reproducibly(tmp_path):
+    tensors = _s2d_tensors()
+    _export_s2d(Storage(), str(tmp_path), **tensors)
+    slot = 3
+    label, within = divmod(slot, VPC)
+    candidates = {(s, d): _integrate(tensors, s, label, d)
+                  for s in range(SPS * VPC * label + SPS * within, SPS * VPC * label + SPS * (within + 1))
+                  for d in range(DPS * within, DPS * (within + 1))}
+
+    def drawn(ds) -> list[tuple[int, int]]:
+        out = []
+        for _ in range(24):
+            video = ds[slot][0]
+            out.append(next(k for k, v in candidates.items() if torch.allclose(v, video, atol=1e-5)))
+        return out
+
+    first = drawn(load_distilled(str(tmp_path), seed=7))
+    assert len(set(first)) > 1
+    assert drawn(load_distilled(str(tmp_path), seed=7)) == first
+
+
+def test_s2d_storage_is_accounted_per_component_against_the_pixel_baseline(tmp_path):
+    size, frames = 64, 8
+    g = torch.Generator().manual_seed(0)
+    meta = export_s2d(Storage(), str(tmp_path), static_memory=torch.randn(2 * 2, 3, size, size, generator=g),
+                      dynamic_memory=torch.randn(2, 2, frames, 1, size, size, generator=g),
+                      integrator_state=Integrator().state_dict(), vpc=1, statics_per_slot=2, dynamics_per_slot=2,
+                      classes=["a", "b"], previews=False)
+    storage = meta["storage"]
+    assert storage["static_mb"] == pytest.approx(2 * 2 * 3 * size * size * 4 / 1e6)
+    assert storage["dynamic_mb"] == pytest.approx(2 * 2 * frames * size * size * 4 / 1e6)
+    assert storage["integrator_mb"] == pytest.approx(327 * 4 / 1e6)
+    assert storage["pixel_baseline_mb"] == pytest.approx(pixel_baseline_mb(2, 1, frames, size))
+    assert storage["total_mb"] == pytest.approx(storage["static_mb"] + storage["dynamic_mb"] + storage["integrator_mb"])
+    # method.md 5.8: spc = dpc = 2*VPC gives (6 + 2T) / (3T) = 0.9167 at T=8, plus the integrator's 327 floats
+    assert storage["ratio_to_baseline"] == pytest.approx((6 + 2 * frames) / (3 * frames), abs=2e-3)
+
+
+def test_storage_ratio_matches_method_table_for_miniucf_vpc1():
+    mb = s2d_storage(50 * 2 * 3 * 112 * 112, 50 * 2 * 16 * 112 * 112, 327, num_classes=50, vpc=1, frames=16, size=112)
+    assert mb["pixel_baseline_mb"] / 1.048576 == pytest.approx(114.8, abs=0.05)  # MiB column of method.md 5.8
+    assert mb["total_mb"] / 1.048576 == pytest.approx(90.9, abs=0.05)
+    assert mb["ratio_to_baseline"] == pytest.approx(0.79, abs=0.005)
+
+
+def test_pixel_artifact_round_trips_videos_and_labels(where):
+    storage, uri = where
+    videos = torch.randn(C * VPC, T, 3, S, S)
+    labels = torch.arange(C).repeat_interleave(VPC)
+    meta = export_pixels(storage, uri, videos=videos, labels=labels, classes=CLASSES, method="dm", syn_lr=0.01,
+                         previews=False)
+    assert meta["layout"]["vpc"] == VPC and meta["storage"]["ratio_to_baseline"] == 1.0
+    ds = load_distilled(uri, storage)
+    assert len(ds) == C * VPC and ds.meta["kind"] == "pixels"
+    for i in range(len(ds)):
+        torch.testing.assert_close(ds[i][0], videos[i])
+        assert ds[i][1] == int(labels[i])
+
+
+def test_uint8_coreset_is_stored_as_uint8_and_loaded_normalised(tmp_path):
+    clips = torch.randint(0, 256, (C, T, S, S, 3), dtype=torch.uint8)
+    meta = export_pixels(Storage(), str(tmp_path), videos=clips, labels=torch.arange(C), classes=CLASSES,
+                         method="herding", previews=False)
+    assert meta["pixel_dtype"] == "uint8" and meta["storage"]["file_mb"] == pytest.approx(clips.numel() / 1e6)
+    ds = load_distilled(str(tmp_path))
+    from vdistill.data.pixels import to_model_input, to_uint8
+
+    torch.testing.assert_close(ds[1][0], to_model_input(clips[1:2])[0])
+    assert torch.equal(to_uint8(ds[1][0]), clips[1])
+
+
+def test_whole_set_call_is_an_epoch_source_that_repairs_per_generator(tmp_path):
+    _export_s2d(Storage(), str(tmp_path))
+    ds = load_distilled(str(tmp_path))
+    videos, labels = ds(torch.Generator().manual_seed(1))
+    again, _ = ds(torch.Generator().manual_seed(1))
+    assert videos.shape == (C * VPC, T, 3, S, S) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    torch.testing.assert_close(videos, again)
+
+
+def test_top_level_load_distilled_opens_an_artifact(tmp_path):
+    _export_s2d(Storage(), str(tmp_path))
+    assert len(vdistill.load_distilled(str(tmp_path), pairing="fixed")) == C * VPC
+
+
+def test_folder_without_meta_is_rejected_as_unfinished(tmp_path):
+    Storage().write_tensors(str(tmp_path / "static_memory.safetensors"), {"static_memory": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        load_distilled(str(tmp_path))
+
+
+def test_export_rejects_a_dynamic_memory_that_does_not_match_the_layout(tmp_path):
+    tensors = _s2d_tensors()
+    tensors["dynamic_memory"] = tensors["dynamic_memory"][:, :1]
+    with pytest.raises(ValueError, match="dpc"):
+        _export_s2d(Storage(), str(tmp_path), **tensors)
+    assert not (tmp_path / "meta.json").exists()
+
+
+def test_export_lists_its_previews_in_meta(s3_storage):
+    storage, bucket = s3_storage
+    uri = join(bucket, "s2d")
+    meta = _export_s2d(storage, uri, previews=True)
+    assert "previews/static_memory.png" in meta["previews"]
+    assert all(storage.is_file(join(uri, p)) for p in meta["previews"])
+    assert storage.read_json(join(uri, "meta.json"))["previews"] == meta["previews"]
+
+
+def test_render_artifact_writes_gif_mp4_and_png_that_decode(tmp_path):
+    _export_s2d(Storage(), str(tmp_path / "art"))
+    written = render_artifact(str(tmp_path / "art"), str(tmp_path / "show"), Storage(), fps=4)
+    names = sorted(uri.rsplit("/", 1)[1] for uri in written)
+    per_class = [f"class_{c:03d}_{n}" for c, n in enumerate(["apply_eye_makeup", "bowling", "yo-yo"])]
+    assert names == sorted([f"{p}.{e}" for p in per_class for e in ("gif", "mp4")]
+                           + ["classes.gif", "classes.mp4", "static_memory.png", "dynamic_memory.gif"])
+    for uri in written:
+        if uri.endswith(".gif"):
+            with Image.open(uri) as gif:
+                assert gif.n_frames == T and min(gif.size) >= 128
+        elif uri.endswith(".mp4"):
+            with av.open(uri) as container:
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert len(frames) == T and min(frames[0].shape[:2]) >= 128
+        else:
+            with Image.open(uri) as png:
+                png.load()
+                assert png.size[0] >= 128 * SPS * VPC
