@@ -1,6 +1,7 @@
 """Networks: ConvNet3D (distillation + evaluation), ConvNet2D (still images), the integrator, and a factory."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vdistill.models.convnet2d import ConvNet2D
@@ -12,11 +13,18 @@ __all__ = ["ConvNet2D", "ConvNet3D", "Integrator", "build_model", "flat_params",
            "load_flat_", "param_names", "unflatten"]
 
 
-def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=None) -> nn.Module:
+def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=None,
+                seed: int | None = None) -> nn.Module:
     """Network by registry name; `model_cfg` is a ModelConfig (width, head, dropout, 2-D width/depth).
 
-    Video models take `(B, T, 3, H, W)`; `convnet2d` takes `(B, 3, H, W)`.
+    Video models take `(B, T, 3, H, W)`; `convnet2d` takes `(B, 3, H, W)`. With `seed`, the initial
+    weights depend only on that seed: the global CPU RNG is forked, seeded and restored around the
+    construction, so callers' random streams are untouched (method.md W-10).
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(name, num_classes, frames, size, model_cfg)
     width = getattr(model_cfg, "width", 128)
     if name == "convnet3d":
         return ConvNet3D(num_classes, frames, size, width=width, head=getattr(model_cfg, "head", "paper"),

@@ -1,0 +1,107 @@
+"""The evaluation protocol: seeded fresh networks, last-epoch scores, Ray seeds aggregated into mean ± std."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig
+from vdistill.data.clips import ClipSet
+from vdistill.evaluate import (TensorSource, eval_seeds, evaluate_set, format_results_table, lr_decay_epoch,
+                               storage_mb, train_and_test)
+
+MODEL = ModelConfig(width=32, head="adaptive")
+COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
+                        [0, 255, 255], [255, 0, 255], [255, 255, 255], [0, 0, 0]], dtype=torch.float)
+
+
+def colour_clips(per_class: int, seed: int, classes: int = 8) -> ClipSet:
+    """Each class is a flat colour under heavy pixel noise: separable, but only by learning."""
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    noise = torch.randint(-60, 61, (len(labels), 8, 16, 16, 3), generator=torch.Generator().manual_seed(seed))
+    videos = (COLOURS[labels].view(-1, 1, 1, 1, 3) * 0.6 + 50 + noise).clamp(0, 255).to(torch.uint8)
+    return ClipSet(videos, labels, [f"c{i}" for i in range(classes)])
+
+
+def run(train: ClipSet, test: ClipSet, epochs: int, seed: int = 0, source=None) -> dict:
+    return train_and_test(source or TensorSource(train.videos, train.labels), test, model_name="convnet3d",
+                          num_classes=len(test.classes), frames=8, size=16, model_cfg=MODEL,
+                          eval_cfg=EvaluateConfig(epochs=epochs, batch_size=16), train_cfg=TrainConfig(), lr=0.01,
+                          seed=seed, device="cpu")
+
+
+def test_fresh_network_learns_a_separable_toy_set():
+    result = run(colour_clips(4, 0), colour_clips(5, 1), epochs=40)
+    assert result["top1"] >= 0.9
+    assert result["top5"] >= result["top1"]
+    assert (result["seed"], result["epochs"]) == (0, 40) and result["seconds"] > 0
+
+
+def test_top1_and_top5_are_distinct_fields_of_an_undertrained_network():
+    result = run(colour_clips(4, 0), colour_clips(5, 1), epochs=1)
+    assert result["top5"] > result["top1"]
+
+
+def test_same_seed_gives_the_same_network_and_score():
+    train, test = colour_clips(2, 0), colour_clips(2, 1)
+    a, b, c = run(train, test, epochs=3, seed=4), run(train, test, epochs=3, seed=4), run(train, test, epochs=3, seed=5)
+    assert (a["train_loss"], a["top1"]) == (b["train_loss"], b["top1"])
+    assert a["train_loss"] != c["train_loss"]
+
+
+def test_the_source_is_asked_for_a_new_set_every_epoch():
+    train = colour_clips(2, 0)
+
+    class Counting:
+        def __init__(self) -> None:
+            self.generators: list[torch.Generator] = []
+
+        def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            self.generators.append(generator)
+            return train.videos, train.labels
+
+    source = Counting()
+    run(train, colour_clips(1, 1), epochs=3, source=source)
+    assert len(source.generators) == 3 and all(isinstance(g, torch.Generator) for g in source.generators)
+
+
+def test_paper_protocol_pins_501_epochs_and_the_stochastic_test():
+    paper = EvaluateConfig(protocol="paper", epochs=10, test_passes=1)
+    assert (paper.epochs, paper.momentum, paper.weight_decay, paper.test_passes, paper.test_flip) == \
+        (501, 0.9, 5e-4, 3, True)
+
+
+def test_lr_drops_after_epoch_251_of_the_papers_501():
+    assert lr_decay_epoch(501) == 251
+    assert lr_decay_epoch(11) == 6  # epochs 0..6 at lr, 7..10 at lr/10
+
+
+def test_storage_is_counted_as_stored_bytes():
+    uint8, fp32 = torch.zeros(1000, dtype=torch.uint8), torch.zeros(1000)
+    assert storage_mb(uint8) == pytest.approx(0.001)
+    assert storage_mb(uint8, fp32) == pytest.approx(0.005)
+    assert storage_mb(uint8, as_float32=True) == pytest.approx(0.004)
+
+
+def test_evaluation_seeds_are_distinct_and_derived_from_the_run_seed():
+    assert len(set(eval_seeds(0, 5))) == 5
+    assert eval_seeds(0, 3) == eval_seeds(0, 3) != eval_seeds(1, 3)
+
+
+def test_evaluate_set_runs_each_seed_as_a_ray_task_and_aggregates(ray_session):
+    # 2 CPUs per task on the 4-CPU test Ray: two workers, each reused, so torch is imported twice, not four times.
+    cfg = Config(model=MODEL, evaluate=EvaluateConfig(num_eval=2, epochs=50, batch_size=16, cpus_per_task=2))
+    train, test = colour_clips(2, 0, classes=6), colour_clips(2, 1, classes=6)
+    result = evaluate_set((train.videos, train.labels), test, cfg, storage_mb=storage_mb(train.videos),
+                          clips=len(train.labels), models=["convnet3d", "mc3_18"], epochs=2)
+    assert set(result["models"]) == {"convnet3d", "mc3_18"}
+    assert (result["clips"], result["lr"], result["epochs"]) == (12, cfg.evaluate.lr, 2)
+    for summary in result["models"].values():
+        runs = summary["runs"]
+        assert [r["seed"] for r in runs] == eval_seeds(cfg.run.seed, 2)
+        assert [r["epochs"] for r in runs] == [2, 2]
+        top1, top5 = np.array([r["top1"] for r in runs]), np.array([r["top5"] for r in runs])
+        assert summary["top1_mean"] == pytest.approx(top1.mean()) and summary["top1_std"] == pytest.approx(top1.std())
+        assert summary["top5_mean"] == pytest.approx(top5.mean()) and summary["top5_std"] == pytest.approx(top5.std())
+    table = format_results_table([{"method": "random", "vpc": 2, **result}])
+    assert "random" in table and "mc3_18" in table and "top-5" in table

@@ -1,0 +1,242 @@
+"""The evaluation protocol: train fresh networks on a (synthetic or coreset) set, score them on the real test split.
+
+Every number in a results table comes from here, so the protocol is pinned in one place
+(method.md section 6):
+
+- `num_eval` fresh networks per architecture, each seeded explicitly (seeds recorded), trained as
+  independent Ray tasks; the test split is put in the object store once.
+- SGD (momentum, weight decay from `cfg.evaluate`), cross-entropy, dropout on, batch `batch_size`.
+- With E = `epochs` (501 under `protocol: paper`, i.e. the paper's epochs 0..500), the learning rate
+  drops x0.1 after the epoch with index `(E - 1) // 2 + 1` (251) by RE-CREATING the optimizer, which
+  resets momentum, exactly as the original does.
+- The source is asked for a fresh `(videos, labels)` every epoch (an S2D set re-pairs statics and
+  dynamics each epoch).
+- The test split is scored once, after the LAST epoch (never the best epoch on test, W-9), with
+  `test_passes` passes and random flips when `test_flip` (paper: 3 passes, flips; the original also
+  re-draws each test clip's start frame, our cached clips are fixed). Top-1 and top-5 are separate
+  fields (W-3); the table reports mean ± population std over seeds.
+- Storage is counted as stored bytes (`storage_mb`); callers pick `as_float32=True` to compare with
+  the paper's fp32 accounting of real clips.
+
+`launch_evaluation` submits the tasks and returns at once; `evaluate_set` waits for them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from vdistill.augment import ClipAugment
+from vdistill.device import resolve_device
+from vdistill.models import build_model
+from vdistill.train import test_accuracy, train_epoch
+
+if TYPE_CHECKING:
+    from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig
+    from vdistill.data.clips import ClipSet
+
+EVAL_SEED_STREAM = 6  # tags the evaluation seeds so they never coincide with expert or distillation seeds
+
+
+class EpochSource(Protocol):
+    """What evaluation trains on: called once per epoch, returns `(videos, labels)`.
+
+    `videos` is float normalised `(N, T, 3, H, W)` or uint8 `(N, T, H, W, 3)`; `labels` int64 `(N,)`.
+    Implementations must be picklable (they ship to Ray tasks).
+    """
+
+    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSource:
+    """A fixed set of clips (pixel baselines, coresets, the full training split): the same tensors every epoch."""
+
+    videos: torch.Tensor
+    labels: torch.Tensor
+
+    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.videos, self.labels
+
+
+def storage_mb(*tensors: torch.Tensor, as_float32: bool = False) -> float:
+    """Megabytes (10^6 bytes) of tensors AS STORED: fp32 synthetic sets count 4 bytes/value, uint8 clips 1.
+
+    Counting the stored bytes is what a user pays for; `as_float32=True` counts every value as fp32,
+    which is how the paper's storage column (method.md 5.8) treats real clips too.
+    """
+    return sum(t.numel() * (4 if as_float32 else t.element_size()) for t in tensors) / 1e6
+
+
+def eval_seeds(run_seed: int, count: int) -> list[int]:
+    """`count` independent network seeds derived from the run seed (recorded with every result)."""
+    return [int(s) for s in np.random.SeedSequence([run_seed, EVAL_SEED_STREAM]).generate_state(count)]
+
+
+def lr_decay_epoch(epochs: int) -> int:
+    """Index of the epoch after which the lr drops x0.1: the paper's `Epoch // 2 + 1` with Epoch = epochs - 1.
+
+    For the paper's 501 epochs (0..500) that is 251; runs of 3 epochs or fewer never train at the lower rate.
+    """
+    return (epochs - 1) // 2 + 1
+
+
+def train_and_test(
+    source: EpochSource,
+    test_set: ClipSet,
+    *,
+    model_name: str,
+    num_classes: int,
+    frames: int,
+    size: int,
+    model_cfg: ModelConfig,
+    eval_cfg: EvaluateConfig,
+    train_cfg: TrainConfig,
+    lr: float,
+    seed: int,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """Train one fresh network on `source` for `eval_cfg.epochs`, then test it once.
+
+    `seed` fixes everything random in the run: initial weights, dropout masks, shuffling, the epoch
+    source's draws and test-time flips (the global RNG is forked, so callers are unaffected).
+
+    Returns `top1`, `top5` (last epoch), `seed`, `epochs`, `seconds`, and the last epoch's `train_loss`/`train_acc`.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout draws from the global RNG: seed it for this run only, restored on exit
+        result = _train_then_test(source, test_set, build_model(model_name, num_classes, frames, size, model_cfg)
+                                  .to(device), eval_cfg, train_cfg, lr, seed, device)
+    return {**result, "seed": seed, "epochs": eval_cfg.epochs, "seconds": time.perf_counter() - start}
+
+
+def _train_then_test(source: EpochSource, test_set: ClipSet, model: torch.nn.Module, eval_cfg: EvaluateConfig,
+                     train_cfg: TrainConfig, lr: float, seed: int, device: torch.device) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(seed)
+    augment = ClipAugment() if train_cfg.augment else None
+
+    def sgd(rate: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=rate, momentum=eval_cfg.momentum,
+                               weight_decay=eval_cfg.weight_decay)
+
+    optimizer = sgd(lr)
+    decay_after = lr_decay_epoch(eval_cfg.epochs)
+    stats: dict[str, float] = {}
+    for epoch in range(eval_cfg.epochs):
+        with torch.no_grad():
+            videos, labels = source(generator)
+        stats = train_epoch(model, videos.detach(), labels, optimizer, batch_size=eval_cfg.batch_size,
+                            device=device, generator=generator, standardize=train_cfg.standardize, augment=augment)
+        if epoch == decay_after:
+            optimizer = sgd(lr * 0.1)  # a NEW optimizer (momentum reset), as the paper's code does
+    scores = test_accuracy(model, test_set.videos, test_set.labels, batch_size=eval_cfg.batch_size, device=device,
+                           passes=eval_cfg.test_passes, flip=eval_cfg.test_flip,
+                           generator=torch.Generator().manual_seed(seed), standardize=train_cfg.standardize)
+    return {**scores, "train_loss": stats["loss"], "train_acc": stats["acc"]}
+
+
+def _train_and_test_task(source: EpochSource, test_set: ClipSet, device_name: str, **kwargs: Any) -> dict[str, Any]:
+    """Ray task body: resolve the device where the task runs (Ray sets the visible GPUs)."""
+    return train_and_test(source, test_set, device=resolve_device(device_name), **kwargs)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    top1 = np.array([r["top1"] for r in runs])
+    top5 = np.array([r["top5"] for r in runs])
+    return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
+            "top5_mean": float(top5.mean()), "top5_std": float(top5.std()), "runs": runs}
+
+
+@dataclass
+class PendingEvaluation:
+    """Evaluation tasks in flight (one list of seeds per model); `result()` waits and aggregates."""
+
+    refs: dict[str, list[Any]]
+    storage_mb: float | None
+    clips: int | None
+    lr: float
+    epochs: int
+
+    def result(self) -> dict[str, Any]:
+        import ray
+
+        return {"storage_mb": self.storage_mb, "clips": self.clips, "lr": self.lr, "epochs": self.epochs,
+                "models": {name: _summary(ray.get(refs)) for name, refs in self.refs.items()}}
+
+
+def launch_evaluation(
+    source: EpochSource | tuple[torch.Tensor, torch.Tensor],
+    test_set: ClipSet,
+    cfg: Config,
+    *,
+    storage_mb: float | None = None,
+    clips: int | None = None,
+    lr: float | None = None,
+    models: list[str] | None = None,
+    epochs: int | None = None,
+) -> PendingEvaluation:
+    """Submit `cfg.evaluate.num_eval` seeds x each model in `models` (default `cfg.evaluate.models`) as Ray
+    tasks and return at once, so evaluation stays off the distillation's critical path (W-17d).
+
+    `source` is an EpochSource or a `(videos, labels)` pair; `lr` overrides `cfg.evaluate.lr` (e.g. a
+    learned synthetic lr); `epochs` overrides `cfg.evaluate.epochs` (e.g. the full-data baseline).
+    Source and test split go to the object store once per launch.
+    """
+    import ray
+
+    if isinstance(source, tuple):
+        source = TensorSource(*source)
+    ev = cfg.evaluate if epochs is None else cfg.evaluate.model_copy(update={"epochs": epochs})
+    rate = ev.lr if lr is None else lr
+    frames, size = test_set.videos.shape[1], test_set.videos.shape[2]
+    task = ray.remote(_train_and_test_task).options(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task)
+    source_ref, test_ref = ray.put(source), ray.put(test_set)
+    refs = {
+        name: [task.remote(source_ref, test_ref, cfg.run.device, model_name=name, num_classes=len(test_set.classes),
+                           frames=frames, size=size, model_cfg=cfg.model, eval_cfg=ev, train_cfg=cfg.train,
+                           lr=rate, seed=seed)
+               for seed in eval_seeds(cfg.run.seed, ev.num_eval)]
+        for name in (models or ev.models)
+    }
+    return PendingEvaluation(refs, storage_mb, clips, rate, ev.epochs)
+
+
+def evaluate_set(
+    source: EpochSource | tuple[torch.Tensor, torch.Tensor],
+    test_set: ClipSet,
+    cfg: Config,
+    *,
+    storage_mb: float | None = None,
+    clips: int | None = None,
+    lr: float | None = None,
+    models: list[str] | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """`launch_evaluation(...).result()`: `{"storage_mb", "clips", "lr", "epochs", "models": {name: {top1_mean,
+    top1_std, top5_mean, top5_std, runs}}}`, population std over seeds."""
+    return launch_evaluation(source, test_set, cfg, storage_mb=storage_mb, clips=clips, lr=lr, models=models,
+                             epochs=epochs).result()
+
+
+def format_results_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of `{"method", "vpc", **evaluate_set(...)}` -> a plain-text table, one line per (method, model).
+
+    Accuracies are percentages, mean ± population std over seeds, scored after the last epoch.
+    """
+    header = ("method", "vpc", "model", "storage MB", "clips", "top-1 %", "top-5 %")
+    lines = [header]
+    for row in rows:
+        mb = "?" if row["storage_mb"] is None else f"{row['storage_mb']:.2f}"
+        for model, s in row["models"].items():
+            lines.append((str(row["method"]), str(row["vpc"]), model, mb, str(row["clips"]),
+                          f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}",
+                          f"{100 * s['top5_mean']:.1f} ± {100 * s['top5_std']:.1f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(text)

@@ -1,0 +1,108 @@
+"""The one training loop: experts, evaluation and the full-data baseline all train and test through it.
+
+Data may be uint8 storage layout `(N, T, H, W, 3)` (moved per batch as uint8 and normalised on the
+device: a quarter of the bytes cross the bus) or float model layout `(N, T, 3, H, W)` already in the
+normalised space (synthetic sets). Frame data `(N, H, W, 3)` / `(N, 3, H, W)` works the same way for
+2-D networks. Shuffling, augmentation and test-time flips draw only from the generators passed in.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vdistill.data.pixels import standardize as standardize_batch
+from vdistill.data.pixels import to_model_input
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def model_batch(videos: torch.Tensor, index: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Rows `index` of uint8 `(N, T, H, W, 3)` or float `(N, T, 3, H, W)` as normalised float on `device`."""
+    batch = videos[index.to(videos.device)]
+    return to_model_input(batch, device) if batch.dtype == torch.uint8 else batch.to(device).float()
+
+
+def train_epoch(
+    model: nn.Module,
+    videos: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    generator: torch.Generator,
+    standardize: bool = False,
+    augment: Augment | None = None,
+) -> dict[str, float]:
+    """One shuffled pass with cross-entropy, dropout on; returns the epoch's mean `loss` and `acc`.
+
+    Augmentation (when given) runs before standardisation, so the network always sees a
+    standardised batch. Metrics accumulate on the device: one host sync per epoch.
+    """
+    model.train()
+    n = labels.shape[0]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for index in torch.randperm(n, generator=generator).split(batch_size):
+        x = model_batch(videos, index, device)
+        if augment is not None:
+            x = augment(x, generator)
+        if standardize:
+            x = standardize_batch(x)
+        y = labels[index.to(labels.device)].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(index)
+        correct += (logits.detach().argmax(1) == y).sum()
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+
+
+@torch.no_grad()
+def test_accuracy(
+    model: nn.Module,
+    videos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    passes: int = 1,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+    standardize: bool = False,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy, computed separately (top-5 means top-min(5, C)), never mixed (method.md W-3).
+
+    `passes` full passes in eval mode; with `flip`, each clip is mirrored horizontally with
+    probability 1/2 per pass (the paper protocol's stochastic test, which needs a `generator`).
+    Accuracy = correct predictions over all passes / (passes * N).
+    """
+    if flip and generator is None:
+        raise ValueError("test_accuracy(flip=True) needs a torch.Generator for the random flips")
+    model.eval()
+    n = labels.shape[0]
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    for _ in range(passes):
+        for index in torch.arange(n).split(batch_size):
+            x = model_batch(videos, index, device)
+            if flip:
+                mirror = (torch.rand(len(index), generator=generator, device=generator.device) < 0.5).to(device)
+                x = torch.where(mirror.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+            if standardize:
+                x = standardize_batch(x)
+            y = labels[index.to(labels.device)].to(device)
+            logits = model(x)
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (logits.argmax(1) == y).sum()
+            top5 += (ranked == y[:, None]).any(1).sum()
+    total = passes * n
+    return {"top1": top1.item() / total, "top5": top5.item() / total}
+
+
+test_accuracy.__test__ = False  # a library function whose name starts with "test": keep pytest from collecting it
