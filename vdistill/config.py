@@ -187,6 +187,7 @@ class BaselinesConfig(_Section):
         {}, description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
     )
     full: bool = True
+    full_epochs: int = Field(30, ge=1, description="epochs of the full-data upper bound (evaluate.epochs is for tiny sets)")
     pixel_iterations: int = Field(200, ge=0)
     pixel_lr_dm: float = Field(1.0, gt=0)
     pixel_lr_mtt: float = Field(100.0, gt=0)
@@ -196,6 +197,9 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: str = Field("", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite under the run folder")
     experiment: str = "vdistill"
+
+
+_SHARED_LAYOUT = {"vpc", "statics_per_slot", "method"}  # every S2D method shares the static stage's layout
 
 
 class Config(_Section):
@@ -227,7 +231,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _s2d_overrides_are_dynamic_keys(self) -> "Config":
         for method, values in self.baselines.s2d_overrides.items():
-            unknown = sorted(set(values) - set(DynamicConfig.model_fields))
+            unknown = sorted(set(values) - set(DynamicConfig.model_fields) | set(values) & _SHARED_LAYOUT)
             if unknown:
                 raise ValueError(
                     f"baselines.s2d_overrides.{method} has unknown key(s) {unknown}; "

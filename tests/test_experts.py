@@ -1,0 +1,157 @@
+"""Expert trajectories: Ray Train workers train independent experts, resume after a crash, skip finished work."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vdistill.config import load_config
+from vdistill.data.ingest import MANIFEST, _write_part
+from vdistill.experts import (FAIL_ONCE_ENV, TrajectoryReader, list_trajectories, plan_experts, run_experts,
+                              snapshot_name, train_expert)
+from vdistill.storage import Storage, join
+
+CLASSES = ["a", "b", "c", "d"]
+EPOCHS = 3
+FAIL_EXPERT, FAIL_EPOCH = 1, 2
+
+
+def write_tiny_cache(storage: Storage, cache_uri: str, per_class: dict[str, int], frames: int = 8,
+                     size: int = 32) -> None:
+    """A clip cache in the ingest layout: class c is brighter in one colour channel, plus noise."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for label in range(len(CLASSES)):
+            clips = rng.integers(0, 120, (n, frames, size, size, 3), dtype=np.uint8)
+            clips[..., label % 3] += np.uint8(60 * (1 + label // 3))
+            _write_part(storage, cache_uri, split, label,
+                        [(f"{split}-{label}-{i:03d}", f"mem://{split}/{label}/{i}", clips[i]) for i in range(n)])
+    storage.write_json(join(cache_uri, MANIFEST), {
+        "classes": CLASSES, "frames": frames, "size": size, "splits": sorted(per_class),
+        "counts": {s: {str(c): n for c in range(len(CLASSES))} for s, n in per_class.items()},
+    })
+
+
+def tiny_config(root: str, name: str, *extra: str):
+    return load_config(None, [
+        f"run.root={root}", f"run.name={name}", f"cache.uri={root}/cache", "run.device=cpu",
+        "model.width=8", "model.head=adaptive", "model.width_2d=8", "model.depth_2d=2",
+        "dynamic.max_start_epoch=2", "dynamic.expert_epochs=1", f"experts.epochs={EPOCHS}",
+        "experts.batch_size=8", "experts.test_every=1", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("experts"))
+    write_tiny_cache(Storage(), f"{root}/cache", {"train": 6, "test": 2})
+    return root
+
+
+@pytest.fixture(scope="module")
+def video_run(ray_session, cache_root):
+    """2 workers x 2 experts, with expert 1 crashing once at the start of epoch 2 (Ray Train restarts it)."""
+    cfg = tiny_config(cache_root, "video", "experts.num_experts=4", "experts.num_workers=2")
+    os.environ[FAIL_ONCE_ENV] = f"{cache_root}/fail-marker:{FAIL_EXPERT}:{FAIL_EPOCH}"
+    try:
+        uris = run_experts(cfg, Storage(), "video", progress=False)
+    finally:
+        del os.environ[FAIL_ONCE_ENV]
+    return cfg, uris
+
+
+def test_each_expert_gets_a_file_with_init_plus_one_snapshot_per_epoch(video_run):
+    cfg, uris = video_run
+    storage = Storage()
+    assert uris == list_trajectories(storage, cfg.run_uri, "video")
+    assert [os.path.basename(u) for u in uris] == [f"expert_{k:03d}.safetensors" for k in range(4)]
+    for uri in uris:
+        assert storage.tensor_names(uri) == [snapshot_name(e) for e in range(EPOCHS + 1)]
+    assert storage.list_files(join(cfg.run_uri, "experts", "video", "partial")) == []
+
+
+def test_snapshots_are_copies_that_change_every_epoch(video_run):
+    _, uris = video_run
+    snapshots = Storage().read_tensors(uris[0])
+    for e in range(EPOCHS):
+        assert not torch.equal(snapshots[snapshot_name(e)], snapshots[snapshot_name(e + 1)])
+
+
+def test_experts_start_from_different_inits(video_run):
+    _, uris = video_run
+    inits = [TrajectoryReader(Storage(), u).snapshot(0) for u in uris]
+    assert not torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
+
+
+def test_metadata_records_spec_and_per_epoch_accuracy(video_run):
+    cfg, uris = video_run
+    meta = TrajectoryReader(Storage(), uris[2]).meta
+    assert meta["model"]["name"] == "convnet3d" and meta["model"]["width"] == 8
+    assert meta["classes"] == CLASSES and meta["clip_shape"] == [8, 32, 32, 3]
+    assert meta["lr"] == 0.01 and meta["batch_size"] == 8 and meta["index"] == 2
+    assert sum(np.prod(s) for s in meta["param_shapes"]) == TrajectoryReader(Storage(), uris[2]).snapshot(0).numel()
+    assert [h["epoch"] for h in meta["history"]] == list(range(1, EPOCHS + 1))
+    assert all(0 <= h["acc"] <= 1 and 0 <= h["top1"] <= h["top5"] <= 1 for h in meta["history"])
+
+
+def test_crashed_expert_resumes_from_its_last_finished_epoch(video_run, cache_root):
+    cfg, uris = video_run
+    assert os.path.exists(f"{cache_root}/fail-marker")
+    metas = [TrajectoryReader(Storage(), u).meta for u in uris]
+    assert metas[FAIL_EXPERT]["attempts"] == [0, FAIL_EPOCH - 1]
+    assert metas[FAIL_EXPERT]["resumed_from_epoch"] == FAIL_EPOCH - 1
+    for meta in metas:  # the restarted worker group retrains no expert from zero
+        assert meta["attempts"][0] == 0 and all(a > 0 for a in meta["attempts"][1:])
+        assert len(meta["history"]) == EPOCHS
+
+
+def test_second_invocation_is_a_noop(video_run):
+    cfg, uris = video_run
+    storage = Storage()
+    folder = join(cfg.run_uri, "experts", "video")
+    before = {p: os.stat(p).st_mtime_ns for p in storage.list_files(folder)}
+    assert run_experts(cfg, storage, "video", progress=False) == uris
+    assert {p: os.stat(p).st_mtime_ns for p in storage.list_files(folder)} == before
+
+
+def test_reader_snapshot_equals_the_written_tensor(video_run):
+    _, uris = video_run
+    written = Storage().read_tensors(uris[3])
+    reader = TrajectoryReader(Storage(), uris[3])
+    assert reader.num_snapshots == EPOCHS + 1
+    for e in range(reader.num_snapshots):
+        assert reader.snapshot(e).dtype == torch.float32
+        assert torch.equal(reader.snapshot(e), written[snapshot_name(e)])
+    with pytest.raises(IndexError):
+        reader.snapshot(EPOCHS + 1)
+
+
+def test_frame_experts_train_a_2d_network_on_single_frames(ray_session, cache_root):
+    cfg = tiny_config(cache_root, "frames", "experts.num_experts=1", "experts.num_workers=1")
+    (uri,) = run_experts(cfg, Storage(), "frame", progress=False)
+    reader = TrajectoryReader(Storage(), uri)
+    assert reader.meta["model"]["name"] == "convnet2d" and reader.num_snapshots == EPOCHS + 1
+    assert list_trajectories(Storage(), cfg.run_uri, "frame") == [uri]
+    assert not torch.equal(reader.snapshot(0), reader.snapshot(EPOCHS))
+
+
+def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp_path, monkeypatch):
+    from vdistill.data.clips import load_split
+
+    storage = Storage()
+    train, test = (load_split(storage, f"{cache_root}/cache", s) for s in ("train", "test"))
+    trajectories = []
+    for name, fail in (("straight", False), ("resumed", True)):
+        cfg = tiny_config(str(tmp_path), name, f"cache.uri={cache_root}/cache", "experts.num_experts=1",
+                          "experts.momentum=0.9", "model.dropout=0.5")
+        (job,) = plan_experts(cfg, storage, "video")
+        if fail:
+            monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path}/marker:0:{EPOCHS}")
+            with pytest.raises(RuntimeError, match="injected failure"):
+                train_expert(job, storage, train, test, torch.device("cpu"))
+            assert storage.is_file(join(job.partial_uri, "state.safetensors"))
+        trajectories.append(storage.read_tensors(train_expert(job, storage, train, test, torch.device("cpu"))))
+    assert trajectories[0].keys() == trajectories[1].keys()
+    assert all(torch.equal(trajectories[0][k], trajectories[1][k]) for k in trajectories[0])

@@ -1,0 +1,446 @@
+"""Expert trajectories for trajectory matching: N independent networks trained on the real clips, one file each.
+
+MTT needs, per iteration, two snapshots of one expert (`epoch_s` and `epoch_{s+expert_epochs}`).
+Each expert therefore lives in its own safetensors file `<run>/experts/<kind>/expert_<k:03d>.safetensors`
+with one flat float32 tensor `(P,)` per epoch (`epoch_000` = the initial weights), so a reader fetches
+only the byte ranges it needs (method.md W-18) and nothing is unpickled (W-22). Snapshots are copies
+of the weights, never views (W-23). Every expert is written (no `save_interval` drop, W-21).
+
+Experts are independent, not data-parallel: Ray Train runs `experts.num_workers` workers, worker r
+trains experts r, r + W, r + 2W, ... sequentially, each on the whole training split, with no gradient
+all-reduce (no DDP). Fractional `experts.gpus_per_worker` lets several small experts share one GPU.
+
+Resume (W-16): after every epoch a worker writes the new snapshot plus the expert's optimizer and RNG
+state under `partial/`, so a crashed worker restarted by Ray Train (FailureConfig) or a re-submitted run
+continues from the last finished epoch, bit for bit. Finished experts are never retrained, and a run
+whose experts are all complete returns without starting Ray Train.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vdistill.config import Config, ModelConfig
+from vdistill.storage import Storage, join
+
+KINDS = ("video", "frame")
+FORMAT = "vdistill.trajectory/1"
+FAIL_ONCE_ENV = "VDISTILL_TEST_FAIL_ONCE"  # "<marker path>:<expert>:<epoch>": test-only fault injection
+_EXPERT_FILE = re.compile(r"expert_\d{3}\.safetensors$")
+
+log = logging.getLogger("vdistill.experts")
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """Everything needed to train (or resume) one expert; picklable, so it travels to Ray Train workers."""
+
+    kind: str
+    index: int
+    seed: int
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    model_name: str
+    model_cfg: ModelConfig
+    classes: tuple[str, ...]
+    frames: int
+    size: int
+    standardize: bool
+    augment: bool
+    test_every: int
+    out_uri: str
+    cache_uri: str
+    train_split: str
+    test_split: str
+    manifest_hash: str
+
+    @property
+    def uri(self) -> str:
+        return join(self.out_uri, f"expert_{self.index:03d}.safetensors")
+
+    @property
+    def partial_uri(self) -> str:
+        return join(self.out_uri, "partial", f"expert_{self.index:03d}")
+
+    @property
+    def model_spec(self) -> dict[str, Any]:
+        """The model settings this kind uses (a 2-D setting never invalidates video experts, and back)."""
+        m = self.model_cfg
+        if self.kind == "frame":
+            return {"name": self.model_name, "width": m.width_2d, "depth": m.depth_2d}
+        return {"name": self.model_name, "width": m.width, "head": m.head, "dropout": m.dropout}
+
+    @property
+    def input_hash(self) -> str:
+        """Identity of the trajectory: a finished file with another hash was made with other settings."""
+        fields = asdict(self)
+        fields["model_cfg"] = self.model_spec
+        for volatile in ("index", "out_uri", "test_every"):
+            fields.pop(volatile)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def snapshot_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}"
+
+
+def trajectory_dir(run_uri: str, kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"expert kind must be one of {KINDS}, got {kind!r}")
+    return join(run_uri, "experts", kind)
+
+
+def expert_seed(run_seed: int, kind: str, index: int) -> int:
+    """Independent, reproducible seed per (run seed, kind, expert): init, dropout, shuffling, frame choice."""
+    return int(np.random.SeedSequence([run_seed, KINDS.index(kind), index]).generate_state(1)[0])
+
+
+def plan_experts(cfg: Config, storage: Storage, kind: str) -> list[ExpertJob]:
+    """One job per expert from the config and the clip cache manifest (classes, clip shape, hash)."""
+    from vdistill.data.clips import read_manifest
+
+    manifest = read_manifest(storage, cfg.cache_uri)
+    manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = trajectory_dir(cfg.run_uri, kind)
+    e = cfg.experts
+    return [
+        ExpertJob(
+            kind=kind, index=k, seed=expert_seed(cfg.run.seed, kind, k), epochs=cfg.expert_epochs_to_train,
+            lr=e.lr, momentum=e.momentum, batch_size=e.batch_size,
+            model_name=cfg.model.name if kind == "video" else "convnet2d", model_cfg=cfg.model,
+            classes=tuple(manifest["classes"]), frames=int(manifest["frames"]), size=int(manifest["size"]),
+            standardize=cfg.train.standardize, augment=cfg.train.augment, test_every=e.test_every,
+            out_uri=out, cache_uri=cfg.cache_uri, train_split=cfg.data.train_split,
+            test_split=cfg.data.test_split, manifest_hash=manifest_hash,
+        )
+        for k in range(e.num_experts)
+    ]
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+class TrajectoryReader:
+    """One expert's trajectory; `snapshot(e)` reads only that tensor's bytes (local or s3://)."""
+
+    def __init__(self, storage: Storage, uri: str) -> None:
+        self.storage = storage
+        self.uri = uri
+        self.meta: dict[str, Any] = json.loads(storage.read_tensor_metadata(uri)["meta"])
+        self.num_snapshots: int = int(self.meta["epochs"]) + 1
+
+    def snapshot(self, epoch: int) -> torch.Tensor:
+        """Flat float32 parameters `(P,)` after `epoch` epochs (0 = initial weights)."""
+        if not 0 <= epoch < self.num_snapshots:
+            raise IndexError(f"{self.uri} has snapshots 0..{self.num_snapshots - 1}, asked for {epoch}")
+        name = snapshot_name(epoch)
+        return self.storage.read_tensors(self.uri, [name])[name]
+
+
+def list_trajectories(storage: Storage, run_uri: str, kind: str) -> list[str]:
+    """Finished expert files of one kind, sorted by expert index (partial files are never listed)."""
+    files = storage.list_files(trajectory_dir(run_uri, kind), recursive=False)
+    return [uri for uri in files if _EXPERT_FILE.search(uri)]
+
+
+def is_complete(storage: Storage, job: ExpertJob) -> bool:
+    """True when the final file exists for these settings; a file from other settings is an error."""
+    if not storage.is_file(job.uri):
+        return False
+    meta = json.loads(storage.read_tensor_metadata(job.uri)["meta"])
+    if meta.get("input_hash") != job.input_hash:
+        raise ValueError(
+            f"{job.uri} was trained with other settings (input hash {meta.get('input_hash')} != {job.input_hash}); "
+            "use another run.name or delete the experts folder"
+        )
+    return True
+
+
+# ---- training one expert ----------------------------------------------------------------------------------
+@dataclass
+class _Progress:
+    """What survives a crash besides the snapshots: per-epoch metrics and where each attempt started."""
+
+    history: list[dict[str, Any]]
+    attempts: list[int]
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+
+def _select_inputs(kind: str, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Video experts: `(N, T, H, W, 3)` as is; frame experts: one fixed random frame per clip `(N, H, W, 3)`."""
+    if kind == "video":
+        return videos
+    frame = torch.randint(videos.shape[1], (videos.shape[0],), generator=generator)
+    return videos[torch.arange(videos.shape[0]), frame]
+
+
+def _metadata(job: ExpertJob, model: nn.Module, progress: _Progress) -> dict[str, str]:
+    meta = {
+        "format": FORMAT, "kind": job.kind, "index": job.index, "seed": job.seed, "epochs": job.epochs,
+        "lr": job.lr, "momentum": job.momentum, "batch_size": job.batch_size, "standardize": job.standardize,
+        "augment": job.augment,
+        "model": {**job.model_spec, "num_classes": len(job.classes), "frames": job.frames, "size": job.size},
+        "classes": list(job.classes), "clip_shape": [job.frames, job.size, job.size, 3],
+        "param_names": [n for n, _ in model.named_parameters()],
+        "param_shapes": [list(p.shape) for p in model.parameters()],
+        "cache_uri": job.cache_uri, "manifest_hash": job.manifest_hash, "input_hash": job.input_hash,
+        "history": progress.history, "attempts": progress.attempts, "resumed_from_epoch": progress.attempts[-1],
+    }
+    return {"meta": json.dumps(meta)}
+
+
+def _rng_tensors(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The expert's shuffling generator and the global streams (init, dropout) it forked."""
+    out = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"optim.{i}.{key}": value for i, state in optimizer.state_dict()["state"].items()
+            for key, value in state.items() if torch.is_tensor(value)}
+
+
+def _restore(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator,
+             device: torch.device) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({**optimizer.state_dict(), "state": state})
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+def _write_partial(storage: Storage, job: ExpertJob, model: nn.Module, snapshot: torch.Tensor,
+                   optimizer: torch.optim.Optimizer, generator: torch.Generator, device: torch.device,
+                   progress: _Progress) -> None:
+    """Snapshot first, then the state that points at it: a crash in between leaves the previous epoch valid."""
+    storage.write_tensors(join(job.partial_uri, f"{snapshot_name(progress.epoch)}.safetensors"), {"params": snapshot})
+    storage.write_tensors(join(job.partial_uri, "state.safetensors"),
+                          {**_optimizer_tensors(optimizer), **_rng_tensors(generator, device)},
+                          _metadata(job, model, progress))
+
+
+def _read_partial(storage: Storage, job: ExpertJob) -> tuple[dict[str, torch.Tensor], list[torch.Tensor],
+                                                              _Progress] | None:
+    """(state tensors, snapshots 0..e, progress) of a partial expert, or None if absent or from other settings."""
+    state_uri = join(job.partial_uri, "state.safetensors")
+    if not storage.is_file(state_uri):
+        return None
+    meta = json.loads(storage.read_tensor_metadata(state_uri)["meta"])
+    if meta["input_hash"] != job.input_hash:
+        storage.delete(job.partial_uri)
+        return None
+    progress = _Progress(history=meta["history"], attempts=meta["attempts"])
+    snapshots = [storage.read_tensors(join(job.partial_uri, f"{snapshot_name(e)}.safetensors"))["params"]
+                 for e in range(progress.epoch + 1)]
+    return storage.read_tensors(state_uri), snapshots, progress
+
+
+def _maybe_fail_once(index: int, epoch: int) -> None:
+    """Test-only fault injection (VDISTILL_TEST_FAIL_ONCE=<marker>:<expert>:<epoch>): raise once, before training."""
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec:
+        return
+    marker, k, e = spec.rsplit(":", 2)
+    if (int(k), int(e)) == (index, epoch) and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"injected failure: expert {index} epoch {epoch} ({FAIL_ONCE_ENV})")
+
+
+def _build_augment(enabled: bool) -> Callable | None:
+    if not enabled:
+        return None
+    from vdistill.augment import ClipAugment
+
+    return ClipAugment()
+
+
+def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.device,
+                 on_epoch: Callable[[ExpertJob, dict[str, Any]], None] | None = None) -> str:
+    """Train (or finish) one expert on `train`, test on `test` (ClipSets), write its trajectory; -> file URI.
+
+    Init, dropout and shuffling draw from streams seeded by `job.seed` inside a forked global RNG, and
+    their states are saved every epoch, so a resumed expert continues exactly where it stopped.
+    """
+    from vdistill.models import build_model, flat_params, load_flat_
+    from vdistill.train import test_accuracy, train_epoch
+
+    if is_complete(storage, job):
+        return job.uri
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(job.seed)
+        generator = torch.Generator().manual_seed(job.seed)
+        train_x = _select_inputs(job.kind, train.videos, generator)
+        test_x = _select_inputs(job.kind, test.videos, generator)
+        model = build_model(job.model_name, len(job.classes), job.frames, job.size, job.model_cfg).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum)
+        augment = _build_augment(job.augment)
+        saved = _read_partial(storage, job)
+        if saved is None:
+            snapshots, progress = [flat_params(model).cpu()], _Progress(history=[], attempts=[])
+            progress.attempts.append(0)
+            _write_partial(storage, job, model, snapshots[0], optimizer, generator, device, progress)
+        else:
+            tensors, snapshots, progress = saved
+            load_flat_(model, snapshots[-1])
+            _restore(tensors, optimizer, generator, device)
+            progress.attempts.append(progress.epoch)
+            log.info("expert %s/%03d resumes after epoch %d", job.kind, job.index, progress.epoch)
+        for epoch in range(progress.epoch + 1, job.epochs + 1):
+            _maybe_fail_once(job.index, epoch)
+            start = time.perf_counter()
+            record: dict[str, Any] = {"epoch": epoch, **train_epoch(
+                model, train_x, train.labels, optimizer, batch_size=job.batch_size, device=device,
+                generator=generator, standardize=job.standardize, augment=augment)}
+            record["train_seconds"] = time.perf_counter() - start
+            if epoch == job.epochs or (job.test_every and epoch % job.test_every == 0):
+                record.update(test_accuracy(model, test_x, test.labels, batch_size=job.batch_size, device=device,
+                                            standardize=job.standardize))
+            record["finished_at"] = time.time()  # wall clock: lets benchmarks split startup from training
+            snapshots.append(flat_params(model).cpu())
+            progress.history.append(record)
+            _write_partial(storage, job, model, snapshots[-1], optimizer, generator, device, progress)
+            log.info("expert %s/%03d epoch %d/%d %s", job.kind, job.index, epoch, job.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "finished_at")))
+            if on_epoch is not None:
+                on_epoch(job, record)
+        storage.write_tensors(job.uri, {snapshot_name(e): s for e, s in enumerate(snapshots)},
+                              _metadata(job, model, progress))
+    storage.delete(job.partial_uri)
+    return job.uri
+
+
+# ---- Ray Train driver -------------------------------------------------------------------------------------
+def _expert_worker(config: dict[str, Any]) -> None:
+    """Ray Train loop of one worker: its share of the experts, one after the other, each on the whole split.
+
+    The worker loads the in-memory ClipSet from the cache itself rather than taking a Ray Data shard:
+    every expert needs every clip, many times over, in a fixed order per seed; the small uint8 cache
+    fits in memory, and reading it once per worker costs far less than streaming it once per epoch.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from vdistill.data.clips import load_split
+    from vdistill.device import resolve_device
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    jobs: list[ExpertJob] = config["jobs"][context.get_world_rank() :: context.get_world_size()]
+    if not jobs:
+        return
+    device = ray.train.torch.get_device() if config["use_gpu"] else resolve_device(config["device"])
+    storage: Storage = config["storage"]
+    train = load_split(storage, jobs[0].cache_uri, jobs[0].train_split)
+    test = load_split(storage, jobs[0].cache_uri, jobs[0].test_split)
+    for job in jobs:
+        train_expert(job, storage, train, test, device)
+
+
+def _epochs_done(storage: Storage, job: ExpertJob) -> int:
+    if storage.is_file(job.uri):
+        return job.epochs
+    state_uri = join(job.partial_uri, "state.safetensors")
+    if not storage.is_file(state_uri):
+        return 0
+    return len(json.loads(storage.read_tensor_metadata(state_uri)["meta"])["history"])
+
+
+class _ProgressPoller:
+    """Driver-side tqdm bar fed by polling the experts' partial files (workers never talk to the driver)."""
+
+    def __init__(self, storage: Storage, jobs: list[ExpertJob], enabled: bool, interval_s: float = 2.0) -> None:
+        self.storage, self.jobs, self.enabled, self.interval_s = storage, jobs, enabled, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        from tqdm import tqdm
+
+        with tqdm(total=sum(j.epochs for j in self.jobs), desc=f"{self.jobs[0].kind} experts", unit="epoch") as bar:
+            while True:
+                try:
+                    bar.update(sum(_epochs_done(self.storage, j) for j in self.jobs) - bar.n)
+                except (OSError, KeyError, ValueError):  # a file replaced while read: next poll sees it
+                    pass
+                if self._stop.wait(self.interval_s):
+                    return
+
+    def __enter__(self) -> "_ProgressPoller":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+
+def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -> None:
+    """One Ray Train run over the unfinished experts; Ray Train restarts failed workers, which resume."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    e = cfg.experts
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
+    fs, path = storage.resolve(join(jobs[0].out_uri, "_ray_train"))
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true",
+           **{k: v for k, v in os.environ.items() if k.startswith("VDISTILL_")}}
+    trainer = TorchTrainer(
+        _expert_worker,
+        train_loop_config={"jobs": jobs, "storage": storage, "device": cfg.run.device,
+                           "use_gpu": e.gpus_per_worker > 0, "threads": max(1, int(e.cpus_per_worker))},
+        # gloo: no collective ever runs, and NCCL would refuse several ranks sharing one GPU.
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=min(e.num_workers, len(jobs)), use_gpu=e.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{jobs[0].kind}-{jobs[0].input_hash}-{int(time.time())}", storage_path=path,
+                             storage_filesystem=fs, failure_config=FailureConfig(max_failures=e.max_failures),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    with _ProgressPoller(storage, jobs, enabled=progress):
+        trainer.fit()
+
+
+def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = True) -> list[str]:
+    """Train every unfinished expert of `kind` through Ray Train; -> the trajectory URIs, by expert index.
+
+    A no-op (no Ray Train run, no file written) when every expert and the manifest are already there.
+    """
+    jobs = plan_experts(cfg, storage, kind)
+    pending = [job for job in jobs if not is_complete(storage, job)]
+    if pending:
+        log.info("training %d of %d %s experts for %d epochs", len(pending), len(jobs), kind, jobs[0].epochs)
+        _fit(cfg, storage, pending, progress)
+        missing = [job.uri for job in pending if not is_complete(storage, job)]
+        if missing:
+            raise RuntimeError(f"Ray Train finished but these experts are incomplete: {missing}")
+        storage.delete(join(trajectory_dir(cfg.run_uri, kind), "partial"))
+    manifest_uri = join(trajectory_dir(cfg.run_uri, kind), "manifest.json")
+    manifest = {"format": FORMAT, "kind": kind, "epochs": jobs[0].epochs, "cache_manifest_hash": jobs[0].manifest_hash,
+                "experts": {os.path.basename(job.uri): job.input_hash for job in jobs}}
+    if storage.read_json_or(manifest_uri) != manifest:
+        storage.write_json(manifest_uri, manifest)
+    return [job.uri for job in jobs]
