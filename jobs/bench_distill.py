@@ -1,0 +1,154 @@
+"""Benchmark the dynamic stage: seconds per iteration (DM, MTT) and MTT peak memory, memory-constant vs unrolled.
+
+Usage: `python jobs/bench_distill.py [--quick] [--device auto|cpu|cuda]`.
+
+Every configuration runs in a fresh subprocess so that peaks do not leak between them. Peak memory is
+- on CUDA: `torch.cuda.max_memory_allocated` during the iterations minus the allocation before them;
+- on CPU: the growth of the process's peak RSS (`resource.getrusage(...).ru_maxrss`) over its value after setup
+  (real clips, trajectories and a tiny warm-up of the kernels and optimisers come first, so the growth is what
+  the stage itself needs: synthetic set, networks, graphs). RSS is an honest upper bound: it includes the
+  allocator's slack. Memory workers run with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_) so that freed
+  blocks go back to the OS instead of inflating RSS with heap fragmentation (without it both modes read 20-60 MiB
+  higher and noisier). That setting makes every large allocation a fresh mmap, which slows CPU runs, so times
+  come from a second worker with the default allocator: the fastest of the iterations after the first (the
+least disturbed one on a shared machine; both modes run identical draws, so iterations do the same work).
+The memory-constant mode keeps `syn_steps * P` floats of student weights in *host* memory (`theta MiB`); on CUDA
+that is off the device, so the device-side peak is `constant - theta`, the column the flatness target is about.
+On CPU host and device are the same memory, so the total `constant MiB` grows by exactly that amount.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPE = dict(classes=10, vpc=1, frames=8, size=32, width=64)
+
+
+def _worker(spec: dict) -> dict:
+    """One configuration in this process: build everything, warm up, then measure `spec['iters']` iterations."""
+    import torch
+
+    from vdistill.config import DynamicConfig, ModelConfig
+    from vdistill.device import resolve_device
+    from vdistill.distill.stages import run_dynamic_stage
+    from vdistill.distill.synset import S2DSet, SlotLayout
+    from vdistill.models import ConvNet3D, flat_params
+
+    torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
+    c, t, size, width = SHAPE["classes"], SHAPE["frames"], SHAPE["size"], SHAPE["width"]
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (c, 16, t, size, size, 3), generator=g, dtype=torch.uint8)
+    sample_real = lambda k, n, gen: real[k, torch.randint(16, (n,), generator=gen)]  # noqa: E731
+    build = lambda: ConvNet3D(c, t, size, width=width, head="adaptive")  # noqa: E731
+    theta0 = flat_params(build())
+    steps = [theta0 + 0.01 * e * torch.randn(theta0.shape, generator=g) for e in range(3)]
+    snapshot = lambda expert, epoch: steps[epoch]  # noqa: E731
+    model_cfg = ModelConfig(width=width, head="adaptive")
+    layout = SlotLayout(c, SHAPE["vpc"])
+
+    def run(iterations: int, seconds: list[float]) -> None:
+        synset = S2DSet.create(layout, torch.randn(c * layout.spc, 3, size, size, generator=g).to(device), t, g)
+        cfg = DynamicConfig(method=spec["method"], iterations=iterations, syn_steps=spec["syn_steps"],
+                            mtt_mode=spec["mode"], max_start_epoch=1, expert_epochs=1, batch_real=16,
+                            checkpoint_every=10**6)
+        run_dynamic_stage(spec["method"], synset, sample_real, cfg, device, 0, model_cfg=model_cfg,
+                          snapshot=snapshot, expert_ids=[0], on_metrics=lambda it, m: seconds.append(m["seconds"]))
+
+    _warm_up(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds: list[float] = []
+    run(spec["iters"] + 1, seconds)
+    seconds = seconds[1:]  # the first iteration pays one-time kernel setup
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_base) * 1024  # ru_maxrss is KiB on Linux
+    return {"seconds": min(seconds), "peak_mib": peak / 2**20, "device": str(device),
+            "theta_mib": (spec["syn_steps"] * theta0.numel() * 4 / 2**20 if spec["mode"] == "constant" else 0.0)}
+
+
+def _warm_up(device) -> None:
+    """Lazy imports and kernel libraries, on a workload far smaller than any measured one."""
+    import torch
+
+    x = torch.randn(1, 3, 4, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(2, 3, 3, 7, 7, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.nn.functional.conv3d(x, w, padding=(1, 3, 3)).relu().sum(), w, create_graph=True)
+    g.square().sum().backward()
+    torch.optim.SGD([w], lr=0.1, momentum=0.9).step()  # imports torch._dynamo once
+
+
+def _worker_run(spec: dict, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), **env}, check=False)
+    if out.returncode:
+        raise RuntimeError(f"benchmark worker {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(spec: dict) -> dict:
+    """Seconds from a default-allocator worker, peak memory from a fixed-mmap-threshold worker (see above)."""
+    timed = _worker_run(spec, {})
+    if timed["device"].startswith("cuda"):
+        return timed
+    memory = _worker_run({**spec, "iters": 1}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    return {**timed, "peak_mib": memory["peak_mib"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and syn_steps (5, 10) only")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1 = least noisy when shared)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+
+    iters = 1 if args.quick else 4
+    steps_list = [5, 10] if args.quick else [5, 10, 20]
+    base = dict(device=args.device, threads=args.threads, iters=iters)
+    tic = time.perf_counter()
+    print(f"dynamic stage, {SHAPE['classes']} classes x vpc {SHAPE['vpc']}, clips {SHAPE['frames']}x{SHAPE['size']}^2, "
+          f"ConvNet3D width {SHAPE['width']} adaptive, {args.threads} thread(s), best of {iters} iterations")
+    dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
+    print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB\n")
+    header = (f"{'syn_steps':>9} | {'unrolled s/it':>13} {'constant s/it':>13} {'time ratio':>10} | "
+              f"{'unrolled MiB':>12} {'constant MiB':>12} {'theta MiB':>9} {'const-theta':>11} {'mem ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    constant_peaks, device_peaks = [], []
+    for syn_steps in steps_list:
+        unrolled = _measure({**base, "method": "mtt", "mode": "unrolled", "syn_steps": syn_steps})
+        constant = _measure({**base, "method": "mtt", "mode": "constant", "syn_steps": syn_steps})
+        constant_peaks.append(constant["peak_mib"])
+        device_peaks.append(constant["peak_mib"] - constant["theta_mib"])
+        print(f"{syn_steps:>9} | {unrolled['seconds']:>13.3f} {constant['seconds']:>13.3f} "
+              f"{constant['seconds'] / unrolled['seconds']:>10.2f} | {unrolled['peak_mib']:>12.0f} "
+              f"{constant['peak_mib']:>12.0f} {constant['theta_mib']:>9.1f} {device_peaks[-1]:>11.0f} "
+              f"{constant['peak_mib'] / max(unrolled['peak_mib'], 1e-9):>9.2f}")
+
+    def spread(values: list[float]) -> float:
+        return max(values) / max(min(values), 1e-9)
+
+    print(f"\nmemory-constant peak, largest / smallest syn_steps: without theta history {spread(device_peaks):.2f}x "
+          f"(target <= 1.10), total {spread(constant_peaks):.2f}x; wall {time.perf_counter() - tic:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Distillation loops: every expert is used, resume is exact, DM+S2D learns, optimisers follow method.md 5.1 / 7."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig
+from vdistill.data.pixels import to_model_input
+from vdistill.distill.objectives import dm_loss, random_network
+from vdistill.distill.stages import ExpertCursor, MttSettings, run_dynamic_stage, run_pixel_baseline, run_static_stage
+from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory
+from vdistill.models import ConvNet2D, ConvNet3D, flat_params
+
+C, T, SIZE = 3, 4, 16
+MODEL = ModelConfig(width=8, head="adaptive", width_2d=8, depth_2d=2)
+
+
+def class_sampler(pool: int = 8):
+    """Random uint8 clips with class structure: class c is bright in colour channel c, dark elsewhere."""
+    g = torch.Generator().manual_seed(123)
+    clips = torch.randint(0, 60, (C, pool, T, SIZE, SIZE, 3), generator=g, dtype=torch.uint8)
+    for c in range(C):
+        clips[c, ..., c] += 150
+    return lambda c, n, generator: clips[c, torch.randint(pool, (n,), generator=generator)]
+
+
+def trajectories(build, num_experts: int, epochs: int):
+    """A snapshot reader over made-up trajectories (init + a small random walk), recording every expert read."""
+    reads: list[int] = []
+    data = {}
+    for k in range(num_experts):
+        torch.manual_seed(k)
+        theta = flat_params(build())
+        g = torch.Generator().manual_seed(100 + k)
+        data[k] = [theta + 0.01 * e * torch.randn(theta.shape, generator=g) for e in range(epochs)]
+
+    def snapshot(expert: int, epoch: int) -> torch.Tensor:
+        reads.append(expert)
+        return data[expert][epoch].clone()
+
+    return snapshot, reads
+
+
+def s2d_set(seed: int = 0, vpc: int = 1) -> S2DSet:
+    layout = SlotLayout(C, vpc)
+    g = torch.Generator().manual_seed(seed)
+    static = init_static_memory(layout, SIZE, "real", g, class_sampler())
+    return S2DSet.create(layout, static, T, g)
+
+
+def video_experts(num_experts: int = 3):
+    return trajectories(lambda: ConvNet3D(C, T, SIZE, width=8, head="adaptive"), num_experts, 4)
+
+
+def dyn_cfg(**kw) -> DynamicConfig:
+    base = dict(iterations=6, batch_real=4, syn_steps=2, max_start_epoch=2, expert_epochs=1, lr_dynamic=1.0,
+                lr_integrator=1e-2, lr_lr=1e-3, checkpoint_every=100)
+    return DynamicConfig(**{**base, **kw})
+
+
+def test_expert_cursor_visits_every_expert_once_per_pass_in_a_fresh_order():
+    cursor, g = ExpertCursor([4, 7, 9, 11]), torch.Generator().manual_seed(0)
+    passes = [[cursor.next(g) for _ in range(4)] for _ in range(3)]
+    assert all(sorted(p) == [4, 7, 9, 11] for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_mtt_dynamic_stage_uses_every_expert_across_iterations():
+    snapshot, reads = video_experts(3)
+    run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=6), "cpu", 0, model_cfg=MODEL,
+                      snapshot=snapshot, expert_ids=[0, 1, 2])
+    per_iteration = reads[::2]  # start and target of the same expert each iteration
+    assert reads[1::2] == per_iteration
+    assert Counter(per_iteration) == {0: 2, 1: 2, 2: 2}
+    assert sorted(per_iteration[:3]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["dm", "mtt"])
+def test_dynamic_stage_resumed_from_a_checkpoint_matches_a_straight_run(method):
+    snapshot, _ = video_experts(2)
+    kwargs = dict(model_cfg=MODEL, snapshot=snapshot, expert_ids=[0, 1])
+    straight = run_dynamic_stage(method, s2d_set(), class_sampler(), dyn_cfg(iterations=6), "cpu", 5, **kwargs)
+    saved: list[dict] = []
+    run_dynamic_stage(method, s2d_set(), class_sampler(), dyn_cfg(iterations=3, checkpoint_every=3), "cpu", 5,
+                      on_checkpoint=saved.append, **kwargs)
+    assert [s["iteration"] for s in saved] == [3]
+    resumed = run_dynamic_stage(method, s2d_set(seed=99), class_sampler(), dyn_cfg(iterations=6), "cpu", 5,
+                                state=saved[0], **kwargs)
+    for name, tensor in straight.state_tensors().items():
+        assert torch.equal(tensor, resumed.state_tensors()[name]), name
+
+
+def motion_sampler(pool: int = 8):
+    """Classes that differ only in motion: class c flashes bright on frames t with (t + c) % C == 0."""
+    g = torch.Generator().manual_seed(7)
+    clips = torch.randint(60, 120, (C, pool, T, SIZE, SIZE, 3), generator=g, dtype=torch.uint8)
+    for c in range(C):
+        clips[c, :, [t for t in range(T) if (t + c) % C == 0]] += 120
+    return lambda c, n, generator: clips[c, torch.randint(pool, (n,), generator=generator)]
+
+
+def held_out_dm_loss(synset: S2DSet, sample_real) -> float:
+    """DM loss averaged over 8 fixed random networks and real batches the stage never sees."""
+    g = torch.Generator().manual_seed(999)
+    total = 0.0
+    with torch.no_grad():
+        videos, labels = synset.all_videos(g)
+        for k in range(8):
+            net = random_network(lambda: ConvNet3D(C, T, SIZE, width=8, head="adaptive"), 1000 + k, "cpu")
+            real = [to_model_input(sample_real(c, 16, g)) for c in range(C)]
+            total += dm_loss(net.embed, real, [videos[labels == c] for c in range(C)]).item()
+    return total / 8
+
+
+def test_dm_s2d_learns_motion_that_the_static_memory_lacks():
+    sample_real = motion_sampler()
+    layout = SlotLayout(C, 1)
+    g = torch.Generator().manual_seed(0)
+    synset = S2DSet.create(layout, init_static_memory(layout, SIZE, "real", g, sample_real), T, g)
+    before = held_out_dm_loss(synset, sample_real)
+    losses: list[float] = []
+    cfg = dyn_cfg(iterations=30, batch_real=8, lr_dynamic=1e4, lr_integrator=1e-2)
+    run_dynamic_stage("dm", synset, sample_real, cfg, "cpu", 0, model_cfg=MODEL,
+                      on_metrics=lambda it, m: losses.append(m["loss"]))
+    assert len(losses) == 30
+    assert held_out_dm_loss(synset, sample_real) < 0.75 * before
+
+
+def test_dynamic_stage_optimisers_follow_the_paper_and_static_stays_frozen():
+    saved: list[dict] = []
+    snapshot, _ = video_experts(1)
+    synset = s2d_set()
+    static_before = synset.static_memory.detach().clone()
+    run_dynamic_stage("mtt", synset, class_sampler(), dyn_cfg(iterations=2, checkpoint_every=2), "cpu", 0,
+                      model_cfg=MODEL, snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
+    groups = {name: sd["param_groups"][0] for name, sd in saved[0]["optimizers"].items()}
+    assert set(groups) == {"dynamic", "integrator", "syn_lr"}
+    assert (groups["dynamic"]["lr"], groups["dynamic"]["momentum"]) == (1.0, 0.95)
+    assert (groups["integrator"]["lr"], groups["integrator"]["momentum"]) == (1e-2, 0.95)
+    assert (groups["syn_lr"]["lr"], groups["syn_lr"]["momentum"]) == (1e-3, 0.9)
+    assert torch.equal(synset.static_memory, static_before)
+
+
+def test_learned_syn_lr_is_clamped_at_min_syn_lr():
+    snapshot, _ = video_experts(1)
+    history: list[float] = []
+    cfg = dyn_cfg(iterations=3, lr_lr=1e6, min_syn_lr=5e-3, lr_teacher=0.01)
+    synset = run_dynamic_stage("mtt", s2d_set(), class_sampler(), cfg, "cpu", 0, model_cfg=MODEL,
+                               snapshot=snapshot, expert_ids=[0], on_metrics=lambda it, m: history.append(m["syn_lr"]))
+    floor = torch.tensor(5e-3).item()  # 5e-3 as float32 holds it
+    assert min(history) == floor and float(synset.syn_lr.detach()) >= floor
+
+
+def test_evaluation_hook_gets_a_source_every_eval_every_and_at_the_end():
+    calls: list[tuple[int, int]] = []
+
+    def on_eval(iteration, source):
+        videos, labels = source(torch.Generator().manual_seed(0))
+        calls.append((iteration, videos.shape[0]))
+        return {"best_top1": float(iteration)}
+
+    saved: list[dict] = []
+    run_dynamic_stage("dm", s2d_set(vpc=2), class_sampler(), dyn_cfg(iterations=5, eval_every=2, checkpoint_every=4),
+                      "cpu", 0, model_cfg=MODEL, on_eval=on_eval, on_checkpoint=saved.append)
+    assert calls == [(2, 6), (4, 6), (5, 6)]
+    assert saved[0]["best"] == {"best_top1": 4.0} and saved[-1]["best"] == {"best_top1": 5.0}
+
+
+@pytest.mark.parametrize("method", ["dm", "dc", "mtt"])
+def test_static_stage_distils_class_major_images(method):
+    snapshot, _ = trajectories(lambda: ConvNet2D(C, SIZE, width=8, depth=2), 2, 4)
+    layout = SlotLayout(C, 1)
+    losses: list[float] = []
+    cfg = StaticConfig(method=method, iterations=3, batch_real=4, lr=0.1)
+    static = run_static_stage(method, class_sampler(), cfg, layout, SIZE, "cpu", 0, model_cfg=MODEL,
+                              snapshot=snapshot, expert_ids=[0, 1], mtt=MttSettings(syn_steps=2, max_start_epoch=2),
+                              on_metrics=lambda it, m: losses.append(m["loss"]))
+    initial = init_static_memory(layout, SIZE, "real", torch.Generator().manual_seed(0), class_sampler())
+    assert static.shape == (C * 2, 3, SIZE, SIZE) and not static.requires_grad
+    assert len(losses) == 3 and not torch.equal(static, initial)
+
+
+@pytest.mark.parametrize("method", ["dm", "mtt"])
+def test_pixel_baseline_updates_pixels_with_momentum_half(method):
+    snapshot, _ = video_experts(1)
+    pixels = PixelSet.from_real(class_sampler(), C, 1, torch.Generator().manual_seed(0))
+    before = pixels.videos.detach().clone()
+    saved: list[dict] = []
+    lr = BaselinesConfig().pixel_lr_dm if method == "dm" else BaselinesConfig().pixel_lr_mtt
+    run_pixel_baseline(method, pixels, class_sampler(), dyn_cfg(checkpoint_every=2), lr, 2, "cpu", 0,
+                       model_cfg=MODEL, snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
+    assert not torch.equal(pixels.videos, before)
+    momenta = {name: sd["param_groups"][0]["momentum"] for name, sd in saved[0]["optimizers"].items()}
+    assert momenta == ({"pixels": 0.5} if method == "dm" else {"pixels": 0.5, "syn_lr": 0.5})
+
+
+@pytest.mark.parametrize("method", ["dm", "mtt"])
+def test_dynamic_stage_leaves_the_global_rng_alone(method):
+    snapshot, _ = video_experts(1)
+    synset = s2d_set()
+    before = torch.random.get_rng_state()
+    run_dynamic_stage(method, synset, class_sampler(), dyn_cfg(iterations=2), "cpu", 0, model_cfg=MODEL,
+                      snapshot=snapshot, expert_ids=[0])
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_zero_iteration_pixel_baseline_evaluates_the_real_initialisation():
+    pixels = PixelSet.from_real(class_sampler(), C, 1, torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    run_pixel_baseline("dm", pixels, class_sampler(), dyn_cfg(), 1.0, 0, "cpu", 0, model_cfg=MODEL,
+                       on_eval=lambda it, source: calls.append(it))
+    assert calls == [0]

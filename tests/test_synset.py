@@ -1,0 +1,151 @@
+"""The synthetic set: validated slot layouts, in-slot pairing, differentiable materialisation, sources, accounting."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from vdistill.config import DynamicConfig
+from vdistill.data.pixels import to_model_input
+from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory, random_real_frames
+
+C, T, SIZE = 3, 4, 8
+
+
+def class_sampler(pool: int = 6):
+    """Real clips whose class is written in their pixel values: class c is filled with 40*c + clip index."""
+    clips = torch.stack([torch.full((pool, T, SIZE, SIZE, 3), 40 * c, dtype=torch.uint8) + torch.arange(
+        pool, dtype=torch.uint8).view(pool, 1, 1, 1, 1) for c in range(C)])
+
+    def sample(c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return clips[c, torch.randint(pool, (n,), generator=generator)]
+
+    return sample
+
+
+def make_set(vpc: int = 2, train_static: bool = False, seed: int = 0) -> S2DSet:
+    layout = SlotLayout(C, vpc)
+    g = torch.Generator().manual_seed(seed)
+    static = torch.randn(C * layout.spc, 3, SIZE, SIZE, generator=g)
+    return S2DSet.create(layout, static, T, g, train_static=train_static)
+
+
+def test_paper_layout_owns_two_statics_and_two_dynamics_per_slot():
+    layout = SlotLayout.from_config(10, DynamicConfig(vpc=5))
+    assert (layout.spc, layout.dpc, layout.num_slots) == (10, 10, 50)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(vpc=0), "dynamic.vpc"),
+    (dict(vpc=1, statics_per_slot=0), "dynamic.statics_per_slot"),
+    (dict(vpc=1, dynamics_per_slot=-1), "dynamic.dynamics_per_slot"),
+    (dict(vpc=1.5), "dynamic.vpc"),
+])
+def test_bad_layout_is_rejected_naming_the_config_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        SlotLayout(C, **kwargs)
+
+
+def test_static_memory_of_the_wrong_size_is_rejected_naming_the_keys():
+    layout = SlotLayout(C, 1, statics_per_slot=3)
+    with pytest.raises(ValueError, match="dynamic.statics_per_slot"):
+        S2DSet(layout, torch.zeros(C * 2, 3, SIZE, SIZE), torch.zeros(C, 2, T, 1, SIZE, SIZE),
+               make_set().integrator, torch.tensor(0.01))
+
+
+def test_materialize_gives_videos_and_class_major_labels():
+    synset = make_set(vpc=2)
+    videos, labels = synset.all_videos(torch.Generator().manual_seed(1))
+    assert videos.shape == (C * 2, T, 3, SIZE, SIZE)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_pairing_never_leaves_the_slot_and_uses_every_owned_item():
+    layout = SlotLayout(C, vpc=3, statics_per_slot=2, dynamics_per_slot=3)
+    slots = torch.arange(layout.num_slots).repeat(200)
+    static_idx, dynamic_idx = layout.draw_pairing(slots, torch.Generator().manual_seed(0))
+    label, slot = slots // 3, slots % 3
+    assert torch.equal(static_idx // 2, label * 3 + slot)
+    assert torch.equal(dynamic_idx // 3, slot)
+    assert set(static_idx.tolist()) == set(range(C * layout.spc))
+    assert set(dynamic_idx.tolist()) == set(range(layout.dpc))
+
+
+def test_replaying_a_generator_state_replays_the_pairing():
+    synset = make_set()
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    first, _ = synset.all_videos(g)
+    second, _ = synset.all_videos(g)
+    g.set_state(state)
+    replay, _ = synset.all_videos(g)
+    assert torch.equal(first, replay)
+    assert not torch.equal(first, second)
+
+
+def test_materialize_is_differentiable_in_dynamic_integrator_and_trainable_static():
+    synset = make_set(train_static=True)
+    videos, _ = synset.materialize(torch.tensor([0, 3]), torch.Generator().manual_seed(0))
+    videos.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in synset.leaves())
+    assert len(synset.leaves()) == 4  # dynamic, integrator weight + bias, static
+
+
+def test_static_memory_is_frozen_by_default():
+    synset = make_set()
+    assert not synset.static_memory.requires_grad
+    assert "static" not in synset.trainable()
+
+
+def test_storage_accounting_counts_each_component():
+    synset = make_set(vpc=2)
+    floats = synset.storage_floats()
+    assert floats["static_memory"] == C * 4 * 3 * SIZE * SIZE
+    assert floats["dynamic_memory"] == C * 4 * T * SIZE * SIZE
+    assert floats["integrator"] == 327
+    assert floats["total"] == floats["static_memory"] + floats["dynamic_memory"] + 327
+
+
+def test_state_tensors_round_trip_to_the_same_videos():
+    synset = make_set()
+    clone = S2DSet.from_tensors(synset.layout, synset.state_tensors())
+    a, _ = synset.all_videos(torch.Generator().manual_seed(5))
+    b, _ = clone.all_videos(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_evaluation_source_pickles_and_repairs_on_every_call_without_graph():
+    synset = make_set(vpc=2)
+    source = pickle.loads(pickle.dumps(synset.source()))
+    g = torch.Generator().manual_seed(0)
+    first, labels = source(g)
+    second, _ = source(g)
+    assert not first.requires_grad
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert not torch.equal(first, second)
+    expected, _ = synset.all_videos(torch.Generator().manual_seed(0))
+    assert torch.allclose(first, expected.detach())
+    assert source.syn_lr == pytest.approx(0.01)
+
+
+def test_pixel_set_starts_from_real_clips_of_each_class():
+    pixels = PixelSet.from_real(class_sampler(), C, 2, torch.Generator().manual_seed(0))
+    videos, labels = pixels.all_videos()
+    assert videos.shape == (C * 2, T, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    raw = torch.stack([torch.full((T, SIZE, SIZE, 3), 40 * c, dtype=torch.uint8) for c in range(C)])
+    reference = to_model_input(raw)[:, :, 0]  # channel 0 of each class at pixel value 40*c
+    for k in range(C * 2):
+        assert (videos[k, :, 0] - reference[k // 2]).abs().max() < 6 / 255 / 0.229  # clip index adds <6 levels
+
+
+def test_real_static_init_takes_one_frame_of_each_class():
+    layout = SlotLayout(C, 1)
+    frames = random_real_frames(class_sampler(), 1, 5, torch.Generator().manual_seed(0))
+    assert frames.shape == (5, SIZE, SIZE, 3) and ((frames >= 40) & (frames < 46)).all()
+    static = init_static_memory(layout, SIZE, "real", torch.Generator().manual_seed(0), class_sampler())
+    assert static.shape == (C * 2, 3, SIZE, SIZE)
+    class_means = static.mean(dim=(1, 2, 3)).view(C, 2).mean(dim=1)
+    assert (class_means[1:] > class_means[:-1]).all()
+    noise = init_static_memory(layout, SIZE, "noise", torch.Generator().manual_seed(0))
+    assert noise.shape == (C * 2, 3, SIZE, SIZE)

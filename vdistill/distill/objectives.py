@@ -1,0 +1,226 @@
+"""The matching objectives that make a synthetic set useful: DM (embedding means), MTT (expert trajectories),
+and DC (gradient matching, for still images in the static stage).
+
+MTT comes in two exact forms. `mtt_unrolled` keeps the whole `syn_steps` graph (memory grows with the unroll;
+kept for parity checks). `mtt_memory_constant` (the default, the TESLA idea) stores only the student weights per
+step, then sweeps backwards recomputing one step's graph at a time and carrying the adjoint `v = dL/dθ_i` with
+Hessian-vector products, so activation memory does not grow with `syn_steps`.
+
+Both MTT functions take a `make_batch(indices, generator) -> (x, y)` closure that is differentiable in the
+synthetic leaf tensors, and return the detached loss while *accumulating* `.grad` on `leaves` and on `syn_lr`
+(when it requires grad), ready for the stage's optimisers.
+
+Determinism of the recomputation: every student step gets two seeds drawn up front from the caller's generator
+(`mtt_plan`). The batch seed feeds a fresh generator handed to `make_batch` (so the static/dynamic pairing is
+replayed exactly); the dropout seed seeds the device RNG inside `torch.random.fork_rng` (so dropout masks are
+replayed exactly, and the global RNG state is restored afterwards).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vdistill.distill.synset import draw_seed, seeded_init
+from vdistill.models import flat_params, functional_forward, unflatten
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+MakeBatch = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dm_loss(embed_fn: EmbedFn, real_by_class: Sequence[torch.Tensor], syn_by_class: Sequence[torch.Tensor]
+            ) -> torch.Tensor:
+    """Σ_c ‖mean embed(real_c) − mean embed(syn_c)‖² (method.md 5.4); the real side carries no gradient.
+
+    Each entry is a batch of one class, `(n, T, 3, H, W)` for ConvNet3D.embed or `(n, 3, H, W)` for ConvNet2D.
+    """
+    if len(real_by_class) != len(syn_by_class):
+        raise ValueError(f"{len(real_by_class)} real classes vs {len(syn_by_class)} synthetic classes")
+    loss = torch.zeros(())
+    for real, syn in zip(real_by_class, syn_by_class):
+        with torch.no_grad():
+            real_mean = embed_fn(real).mean(dim=0)
+        diff = real_mean - embed_fn(syn).mean(dim=0)
+        loss = loss.to(diff) + (diff * diff).sum()
+    return loss
+
+
+def gradient_distance(real_grad: dict[str, torch.Tensor], syn_grad: dict[str, torch.Tensor]) -> torch.Tensor:
+    """DC's 'ours' distance: Σ over weight tensors and output channels of 1 − cos(g_real, g_syn).
+
+    Bias and norm parameters (1-D) are ignored, as in upstream DC's `dis_metric='ours'`.
+    """
+    total = torch.zeros(())
+    for name, gr in real_grad.items():
+        if gr.dim() < 2:
+            continue
+        gr, gs = gr.reshape(gr.shape[0], -1), syn_grad[name].reshape(gr.shape[0], -1)
+        cos = (gr * gs).sum(-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6)
+        total = total.to(cos) + (1 - cos).sum()
+    return total
+
+
+def dc_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class: Sequence[torch.Tensor]
+            ) -> torch.Tensor:
+    """DC gradient matching (method.md 4): Σ_c distance(∇θ CE(real_c, c), ∇θ CE(syn_c, c)), real side detached.
+
+    `net` supplies the architecture and its current weights; batches are `(n, 3, H, W)` images of class c.
+    """
+    theta = flat_params(net).to(next(net.parameters())).requires_grad_(True)
+    loss = torch.zeros(())
+    for c, (real, syn) in enumerate(zip(real_by_class, syn_by_class, strict=True)):
+        def class_grad(x: torch.Tensor, create_graph: bool) -> dict[str, torch.Tensor]:
+            y = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+            ce = F.cross_entropy(functional_forward(net, theta, x), y)
+            (grad,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
+            return unflatten(net, grad)
+
+        real_grad = {k: v.detach() for k, v in class_grad(real, False).items()}
+        loss = loss.to(theta) + gradient_distance(real_grad, class_grad(syn, True))
+    return loss
+
+
+def random_network(build: Callable[[], nn.Module], seed: int, device: torch.device | str,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh randomly initialised network from an explicit seed, frozen, in train mode (DM's embedder)."""
+    return seeded_init(seed, build).to(device=device, dtype=dtype).train().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class MttStep:
+    """One student step: which synthetic items (CPU `(b,)`), and the seeds that make it replayable."""
+
+    indices: torch.Tensor
+    batch_seed: int
+    dropout_seed: int
+
+
+def mtt_plan(num_items: int, syn_steps: int, batch_syn: int, generator: torch.Generator) -> list[MttStep]:
+    """Minibatches as in method.md 5.5: chunks of a `randperm`, taken from the end, refilled when used up."""
+    batch_syn = batch_syn or num_items
+    plan: list[MttStep] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_items, generator=generator).split(batch_syn))
+        plan.append(MttStep(chunks.pop(), draw_seed(generator), draw_seed(generator)))
+    return plan
+
+
+@contextmanager
+def replayed_dropout(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the RNG that dropout on `device` draws from, restoring the global state afterwards."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+def _student_gradient(student: nn.Module, theta: torch.Tensor, make_batch: MakeBatch, step: MttStep,
+                      create_graph: bool) -> torch.Tensor:
+    """∂CE(student(x; θ), y)/∂θ for one planned step, `(P,)`; with `create_graph` it stays differentiable."""
+    with replayed_dropout(step.dropout_seed, theta.device):
+        x, y = make_batch(step.indices, torch.Generator().manual_seed(step.batch_seed))
+        ce = F.cross_entropy(functional_forward(student, theta, x), y)
+    (grad,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
+    return grad
+
+
+def _match_denominator(start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    denom = (start - target).pow(2).sum()
+    if not denom > 0:
+        raise ValueError("expert start and target snapshots are identical: the trajectory was saved as aliases of "
+                         "the live weights (method.md W-23) or expert_epochs points at the same epoch")
+    return denom
+
+
+def _accumulate(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    for tensor, grad in zip(tensors, grads):
+        if grad is None:
+            continue
+        tensor.grad = grad.detach().clone() if tensor.grad is None else tensor.grad + grad.detach()
+
+
+def mtt_unrolled(student: nn.Module, start: torch.Tensor, target: torch.Tensor, syn_lr: torch.Tensor,
+                 make_batch: MakeBatch, plan: Sequence[MttStep], leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L = ‖θ_N − θ*‖² / ‖θ_0 − θ*‖² through the full create_graph unroll; accumulates `.grad` on leaves, syn_lr.
+
+    `start`, `target`: expert snapshots `(P,)`; `student` supplies the architecture (run functionally).
+    """
+    denom = _match_denominator(start, target)
+    theta = start.detach().clone().requires_grad_(True)
+    for step in plan:
+        theta = theta - syn_lr * _student_gradient(student, theta, make_batch, step, create_graph=True)
+    loss = (theta - target).pow(2).sum() / denom
+    inputs = list(leaves) + ([syn_lr] if syn_lr.requires_grad else [])
+    _accumulate(inputs, torch.autograd.grad(loss, inputs, allow_unused=True))
+    return loss.detach()
+
+
+def mtt_memory_constant(student: nn.Module, start: torch.Tensor, target: torch.Tensor, syn_lr: torch.Tensor,
+                        make_batch: MakeBatch, plan: Sequence[MttStep], leaves: Sequence[torch.Tensor]
+                        ) -> torch.Tensor:
+    """Same loss and the same exact gradients as `mtt_unrolled`, holding one step's graph at a time.
+
+    Forward: θ_{i+1} = θ_i − η g_i with no graph to the synthetic set, keeping θ_i `(P,)` per step in host memory
+    (off the accelerator, so device memory is flat in `syn_steps`; the host holds `syn_steps * P` floats).
+    Backward, i = N−1..0, with v = ∂L/∂θ_{i+1}: recompute g_i with create_graph (the last step's graph is built
+    by the forward sweep and used directly), then
+    ∂L/∂syn += −η ∂(g_i·v)/∂syn, ∂L/∂η += −g_i·v, and v ← v − η ∂(g_i·v)/∂θ_i (a Hessian-vector product).
+    """
+    denom = _match_denominator(start, target)
+    lr = syn_lr.detach()
+    theta, history = start.detach(), []
+    for i, step in enumerate(plan):
+        history.append(theta.to("cpu"))
+        if i == len(plan) - 1:  # the backward sweep starts here: build this step's graph once, not twice
+            leaf = theta.clone().requires_grad_(True)
+            last = (leaf, _student_gradient(student, leaf, make_batch, step, create_graph=True))
+            grad = last[1].detach()
+        else:
+            grad = _student_gradient(student, theta.requires_grad_(True), _detached(make_batch), step, False)
+        theta = theta.detach() - lr * grad
+    loss = (theta - target).pow(2).sum() / denom
+    v = 2.0 * (theta - target) / denom
+    syn_grads: list[torch.Tensor | None] = [None] * len(leaves)
+    lr_grad = torch.zeros_like(lr)
+    for i in reversed(range(len(plan))):
+        if i == len(plan) - 1:
+            (theta, grad), last = last, None
+        else:
+            theta = history[i].to(start.device).detach().requires_grad_(True)
+            grad = _student_gradient(student, theta, make_batch, plan[i], create_graph=True)
+        lr_grad = lr_grad - (grad.detach() * v).sum()
+        hvp, *leaf_grads = torch.autograd.grad((grad * v).sum(), [theta, *leaves], allow_unused=True)
+        syn_grads = [acc if g is None else (-lr * g if acc is None else acc - lr * g)
+                     for acc, g in zip(syn_grads, leaf_grads)]
+        v = v - lr * hvp
+    _accumulate(leaves, syn_grads)
+    if syn_lr.requires_grad:
+        _accumulate([syn_lr], [lr_grad])
+    return loss.detach()
+
+
+def _detached(make_batch: MakeBatch) -> MakeBatch:
+    """The same batch without a graph to the synthetic set (the forward sweep needs values only)."""
+
+    def make(indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x, y = make_batch(indices, generator)
+        return x.detach(), y
+
+    return make
+
+
+MTT_MODES: dict[str, Callable[..., torch.Tensor]] = {"constant": mtt_memory_constant, "unrolled": mtt_unrolled}
+
+__all__ = ["MTT_MODES", "EmbedFn", "MakeBatch", "MttStep", "dc_loss", "dm_loss", "gradient_distance", "mtt_memory_constant", "mtt_plan",
+           "mtt_unrolled", "random_network", "replayed_dropout"]
