@@ -186,10 +186,10 @@ def connect_ray(cfg: Config) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if ray.is_initialized():
         return
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's runtime_env applies
+        ray.init()
         return
+    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
     # The coordinator waits while experts and evaluations run, so its CPUs are logical extras locally.
     cpus = (os.cpu_count() or 1) + int(cfg.run.coordinator_cpus + 0.999)
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env)

@@ -1,0 +1,77 @@
+"""The coordinator runs a whole (tiny) pipeline, survives being killed mid-stage, and skips finished work."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vdistill.config import load_config
+from vdistill.coordinator import get_coordinator, run_pipeline
+from vdistill.storage import Storage, join
+from vdistill.workflow import point_at_demo_data
+
+TINY = [
+    "demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "demo.size=24", "demo.frames=8",
+    "decode.frames=4", "decode.size=16", "model.width=8", "model.head=adaptive", "model.width_2d=8",
+    "model.depth_2d=2", "experts.num_experts=2", "experts.batch_size=8", "static.iterations=3",
+    "dynamic.method=mtt", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2", "dynamic.checkpoint_every=5",
+    "baselines.pixel_iterations=2", "baselines.pixel_methods=[dm]", "baselines.coresets=[random]",
+    "evaluate.epochs=2", "evaluate.num_eval=2", "baselines.full=false", "run.coordinator_cpus=1",
+]
+STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
+
+
+def manifest(storage: Storage, cfg, stage: str) -> dict:
+    return storage.read_json(join(cfg.run_uri, stage, "manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(ray_session, tmp_path_factory):
+    """Start a run, kill its coordinator inside the dynamic stage, then run the same command again."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = point_at_demo_data(load_config(None, [*TINY, f"run.root={root}", "dynamic.iterations=300"]))
+    storage = Storage()
+    checkpoint_dir = join(cfg.run_uri, "dynamic-mtt")
+    coordinator = get_coordinator(cfg, storage)
+    pending = coordinator.run.remote("export", True)
+    deadline = time.time() + 240
+    while not any("checkpoint-" in u for u in storage.list_files(checkpoint_dir)):
+        assert time.time() < deadline, "the dynamic stage never wrote a checkpoint"
+        ready, _ = ray_session.wait([pending], timeout=0.2)
+        assert not ready, f"the run finished before it could be interrupted: {ray_session.get(pending)}"
+    ray_session.kill(coordinator, no_restart=True)
+    before = {stage: manifest(storage, cfg, stage) for stage in STAGES_BEFORE_DYNAMIC}
+    assert not storage.exists(join(cfg.run_uri, "dynamic-mtt", "manifest.json"))
+    outputs = run_pipeline(cfg, demo=True)
+    return cfg, storage, before, outputs
+
+
+def test_killed_coordinator_resumes_the_dynamic_stage_from_its_checkpoint(interrupted_run):
+    cfg, storage, _, outputs = interrupted_run
+    resumed = outputs["dynamic-mtt"]["resumed_from"]
+    assert resumed >= cfg.dynamic.checkpoint_every
+    assert resumed < cfg.dynamic.iterations
+
+
+def test_stages_finished_before_the_kill_are_not_rerun(interrupted_run):
+    cfg, storage, before, _ = interrupted_run
+    for stage, old in before.items():
+        assert manifest(storage, cfg, stage) == old, f"{stage} was run again"
+
+
+def test_resumed_run_completes_with_results_and_an_artifact(interrupted_run):
+    cfg, storage, _, outputs = interrupted_run
+    rows = storage.read_json(join(cfg.run_uri, "evaluate", "results.json"))
+    assert [r["method"] for r in rows] == ["random", "DM (pixels)", "MTT+S2D"]
+    meta = storage.read_json(join(outputs["export"]["artifact"], "meta.json"))
+    assert meta["kind"] == "s2d" and meta["layout"]["vpc"] == 1
+    assert storage.is_file(join(outputs["export"]["artifact"], "static_memory.safetensors"))
+
+
+def test_resubmitting_a_finished_run_is_a_no_op(interrupted_run):
+    cfg, storage, _, outputs = interrupted_run
+    stages = [s for s in outputs]
+    manifests = {stage: manifest(storage, cfg, stage) for stage in stages}
+    again = run_pipeline(cfg, demo=True)
+    assert again == outputs
+    assert {stage: manifest(storage, cfg, stage) for stage in stages} == manifests
