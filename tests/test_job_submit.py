@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -47,7 +49,11 @@ def head_node():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     dashboard, gcs = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+    # Every service port of its own: the test session's Ray already holds the defaults (52365, 10001, ...).
+    ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", *ports,
                     "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=4",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
                     "--object-store-memory=300000000"], env=env, check=True, capture_output=True, timeout=120)
@@ -55,6 +61,7 @@ def head_node():
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         _stop_cluster(temp_dir, f"127.0.0.1:{gcs}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_pipeline_to_an_artifact(head_node, tmp_path):
@@ -63,14 +70,17 @@ def test_ray_job_submit_runs_the_pipeline_to_an_artifact(head_node, tmp_path):
     data = str(tmp_path / "data")
     cfg = load_config(None, ["demo.classes=3", "demo.train_per_class=4", "demo.test_per_class=2", "demo.size=24"])
     csv_uri = write_demo_dataset(storage, data, cfg.demo)
-    runtime_env = {"working_dir": str(REPO), "excludes": ["runs/", ".git/", "*.egg-info/"],
+    runtime_env = {"working_dir": str(REPO), "excludes": ["runs/", ".git/", "*.egg-info/", ".pytest_cache/"],
                    "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}}
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "jobs/distill.py", "configs/demo.yaml", *TINY, f"run.root={tmp_path / 'runs'}",
-         f"data.root={data}", f"data.annotations={csv_uri}"],
-        env=env, capture_output=True, text=True, timeout=900)
-    log = submit.stdout + submit.stderr
+    command = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env), "--",
+               "python", "jobs/distill.py", "configs/demo.yaml", *TINY, f"run.root={tmp_path / 'runs'}",
+               f"data.root={data}", f"data.annotations={csv_uri}"]
+    for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        log = submit.stdout + submit.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, log[-3000:]
     assert "succeeded" in log
     artifact = join(str(tmp_path / "runs"), "demo", "artifact")

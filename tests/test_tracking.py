@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port
+from tests.conftest import free_port
 from vdistill.config import load_config
 from vdistill.tracking import Tracker, TrackerHandle, flatten_params, resolve_tracking
 
