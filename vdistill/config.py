@@ -57,7 +57,7 @@ class DemoConfig(_Section):
     classes: int = Field(10, ge=2, le=20)
     train_per_class: int = Field(30, ge=1)
     test_per_class: int = Field(10, ge=1)
-    size: int = Field(64, ge=16, le=512)
+    size: int = Field(48, ge=16, le=512)
     frames: int = Field(16, ge=4)
     fps: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
@@ -65,7 +65,7 @@ class DemoConfig(_Section):
 
 class DecodeConfig(_Section):
     frames: int = Field(8, ge=1, le=512, description="T: frames per clip")
-    size: int = Field(64, ge=8, le=1024, description="output height = width")
+    size: int = Field(32, ge=8, le=1024, description="output height = width")
     resize: Literal["squash", "short_side_crop"] = "squash"
     sampling: Literal["uniform", "stride"] = "uniform"
     stride: int = Field(4, ge=1, description="frame step for sampling=stride")
@@ -85,12 +85,12 @@ class CacheConfig(_Section):
 
 class ModelConfig(_Section):
     name: Literal["convnet3d", "r3d_18", "mc3_18", "r2plus1d_18"] = "convnet3d"
-    width: int = Field(128, ge=4, description="ConvNet3D channels after the first block (paper: 128)")
+    width: int = Field(32, ge=4, description="ConvNet3D channels after the first block (paper: 128)")
     head: Literal["paper", "adaptive"] = Field(
-        "paper", description="paper = exact ConvNet3D pooling (valid for 43..64 and >=107 px); adaptive = any size"
+        "adaptive", description="paper = exact ConvNet3D pooling (valid for 43..64 and >=107 px); adaptive = any size"
     )
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    width_2d: int = Field(128, ge=4, description="2-D ConvNet (static stage) width")
+    width_2d: int = Field(32, ge=4, description="2-D ConvNet (static stage) width (paper: 128)")
     depth_2d: int = Field(3, ge=1, le=5)
 
 
@@ -105,9 +105,9 @@ class ExpertsConfig(_Section):
     num_experts: int = Field(4, ge=1)
     epochs: int = Field(0, ge=0, description="0 = max_start_epoch + expert_epochs + margin (what MTT reads)")
     epoch_margin: int = Field(1, ge=0)
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.1, gt=0, description="paper: 0.01 with batch 256 on thousands of clips")
     momentum: float = Field(0.0, ge=0, lt=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=1, description="Ray Train workers; each trains its own experts")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="fractional GPUs let several small experts share one")
@@ -119,12 +119,15 @@ class ExpertsConfig(_Section):
 class EvaluateConfig(_Section):
     protocol: Literal["paper", "fast"] = "fast"
     num_eval: int = Field(3, ge=1)
-    epochs: int = Field(300, ge=1)
+    epochs: int = Field(200, ge=1)
     lr: float = Field(0.01, gt=0)
-    use_learned_lr: bool = Field(True, description="train with the distilled synthetic lr when there is one")
+    use_learned_lr: bool = Field(
+        False, description="train with MTT's learned synthetic lr (the paper) instead of evaluate.lr; it was learned "
+        "for plain SGD steps, so with momentum 0.9 it can be ~10x too large"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
     test_passes: int = Field(1, ge=1)
     test_flip: bool = False
     models: list[Literal["convnet3d", "r3d_18", "mc3_18", "r2plus1d_18"]] = ["convnet3d"]
@@ -143,35 +146,38 @@ class EvaluateConfig(_Section):
 
 class StaticConfig(_Section):
     method: Literal["dm", "mtt", "dc"] = "dm"
-    iterations: int = Field(200, ge=0)
+    iterations: int = Field(100, ge=0)
     lr: float = Field(1.0, gt=0)
     momentum: float = Field(0.5, ge=0, lt=1)
-    batch_real: int = Field(64, ge=1)
+    batch_real: int = Field(32, ge=1)
     init: Literal["real", "noise"] = "real"
 
 
 class DynamicConfig(_Section):
-    method: Literal["dm", "mtt"] = "dm"
+    method: Literal["dm", "mtt"] = "mtt"
     vpc: int = Field(1, ge=1, description="synthetic videos per class")
     statics_per_slot: int = Field(2, ge=1)
     dynamics_per_slot: int = Field(2, ge=1)
-    iterations: int = Field(200, ge=0)
-    lr_dynamic: float = Field(1e-4, gt=0)
+    iterations: int = Field(100, ge=0)
+    lr_dynamic: float = Field(1e4, gt=0)
     lr_integrator: float = Field(1e-5, gt=0)
+    integrator_init: Literal["default", "identity"] = Field(
+        "identity", description="default = PyTorch init (paper); identity = start from the tiled still image"
+    )
     momentum: float = Field(0.95, ge=0, lt=1)
     train_static: bool = False
     lr_static: float = Field(100.0, gt=0)
-    batch_real: int = Field(64, ge=1)
+    batch_real: int = Field(32, ge=1)
     syn_steps: int = Field(10, ge=1)
     expert_epochs: int = Field(1, ge=1)
-    max_start_epoch: int = Field(10, ge=1)
-    lr_teacher: float = Field(0.01, gt=0)
+    max_start_epoch: int = Field(6, ge=1)
+    lr_teacher: float = Field(0.1, gt=0, description="the experts' lr (experts.lr): where syn_lr starts")
     train_lr: bool = True
     lr_lr: float = Field(1e-5, gt=0)
     min_syn_lr: float = Field(1e-3, gt=0)
     batch_syn: int = Field(0, ge=0, description="0 = all C*vpc synthetic videos per student step")
     mtt_mode: Literal["constant", "unrolled"] = Field("constant", description="memory-constant (TESLA) or unrolled")
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
     eval_every: int = Field(0, ge=0, description="0 = evaluate only at the end")
 
 
@@ -181,14 +187,14 @@ class BaselinesConfig(_Section):
     coresets: list[Literal["random", "herding", "kcenter"]] = ["random", "herding"]
     pixel_methods: list[Literal["dm", "mtt"]] = ["dm", "mtt"]
     s2d_methods: list[Literal["dm", "mtt"]] = Field(
-        [], description="extra S2D runs besides dynamic.method, e.g. [dm] when dynamic.method is mtt"
+        ["dm"], description="extra S2D runs besides dynamic.method, e.g. [dm] when dynamic.method is mtt"
     )
     s2d_overrides: dict[Literal["dm", "mtt"], dict[str, Any]] = Field(
-        {}, description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
+        {"dm": {"lr_dynamic": 1e-4, "lr_integrator": 1e-5}}, description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
     )
     full: bool = True
     full_epochs: int = Field(30, ge=1, description="epochs of the full-data upper bound (evaluate.epochs is for tiny sets)")
-    pixel_iterations: int = Field(200, ge=0)
+    pixel_iterations: int = Field(100, ge=0)
     pixel_lr_dm: float = Field(1.0, gt=0)
     pixel_lr_mtt: float = Field(100.0, gt=0)
 

@@ -171,6 +171,11 @@ def _log_evaluations(p: Pipeline, name: str, pending: list) -> dict[str, Any]:
     return best
 
 
+def _learned_lr(synset, dcfg, method: str) -> float | None:
+    """The synthetic lr travels with a set only when MTT learned it; DM never touches it."""
+    return float(synset.syn_lr.detach()) if method == "mtt" and dcfg.train_lr else None
+
+
 def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     from vdistill.device import resolve_device
     from vdistill.distill.stages import run_dynamic_stage
@@ -183,7 +188,8 @@ def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     static_memory = p.storage.read_tensors(p.stage_uri("static", "static_memory.safetensors"))["static_memory"]
     generator = torch.Generator().manual_seed(cfg.run.seed)
     synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"], generator,
-                           syn_lr=dcfg.lr_teacher, train_static=dcfg.train_static)
+                           syn_lr=dcfg.lr_teacher, train_static=dcfg.train_static,
+                           integrator_init=dcfg.integrator_init)
     snapshot, expert_ids = _snapshot_reader(p, "video") if method == "mtt" else (None, [])
     state, save = _checkpointing(p, f"dynamic-{method}")
     resumed_from = state["iteration"] if state else 0
@@ -198,9 +204,9 @@ def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     meta = export_s2d(p.storage, uri, static_memory=t["static_memory"], dynamic_memory=t["dynamic_memory"],
                       integrator_state=synset.integrator.state_dict(), vpc=layout.vpc,
                       statics_per_slot=layout.statics_per_slot, dynamics_per_slot=layout.dynamics_per_slot,
-                      classes=sampler.classes, syn_lr=float(synset.syn_lr.detach()), config_hash=p.current_hash,
+                      classes=sampler.classes, syn_lr=_learned_lr(synset, dcfg, method), config_hash=p.current_hash,
                       metrics={"best_during_distillation": best})
-    return {"set": uri, "syn_lr": float(synset.syn_lr.detach()), "storage": meta["storage"], "best": best,
+    return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
             "resumed_from": resumed_from}
 
 
@@ -223,8 +229,8 @@ def pixels(p: Pipeline, method: str) -> dict[str, Any]:
     videos, labels = pixel_set.all_videos()
     uri = p.stage_uri(f"pixels-{method}", SET_FOLDER)
     meta = export_pixels(p.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,
-                         syn_lr=float(pixel_set.syn_lr.detach()), config_hash=p.current_hash)
-    return {"set": uri, "syn_lr": float(pixel_set.syn_lr.detach()), "storage": meta["storage"]}
+                         syn_lr=_learned_lr(pixel_set, cfg.dynamic_for(method), method), config_hash=p.current_hash)
+    return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"]}
 
 
 # ---- evaluation and export -------------------------------------------------------------------------------

@@ -138,13 +138,13 @@ class S2DSet:
 
     @classmethod
     def create(cls, layout: SlotLayout, static_memory: torch.Tensor, frames: int, generator: torch.Generator,
-               syn_lr: float = 0.01, train_static: bool = False) -> "S2DSet":
+               syn_lr: float = 0.01, train_static: bool = False, integrator_init: str = "default") -> "S2DSet":
         """Fresh set around a static memory: dynamic memory `randn` (method.md 5.1), integrator seeded from
-        `generator`."""
+        `generator` with `integrator_init` ("default" as in the paper, or "identity")."""
         size = static_memory.shape[-1]
         dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, size, size, generator=generator,
                               dtype=static_memory.dtype)
-        integrator = seeded_init(draw_seed(generator), Integrator)
+        integrator = seeded_init(draw_seed(generator), lambda: Integrator(integrator_init))
         return cls(layout, static_memory, dynamic.to(static_memory.device), integrator,
                    torch.tensor(syn_lr), train_static)
 
