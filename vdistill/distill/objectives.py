@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdistill.distill.synset import draw_seed, seeded_init
-from vdistill.models import flat_params, functional_forward, unflatten
+from vdistill.distill.synset import draw_seed
+from vdistill.models import flat_params, functional_forward, seeded, unflatten
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 MakeBatch = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -87,7 +87,7 @@ def dc_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class:
 def random_network(build: Callable[[], nn.Module], seed: int, device: torch.device | str,
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """A fresh randomly initialised network from an explicit seed, frozen, in train mode (DM's embedder)."""
-    return seeded_init(seed, build).to(device=device, dtype=dtype).train().requires_grad_(False)
+    return seeded(seed, build).to(device=device, dtype=dtype).train().requires_grad_(False)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from torch import nn
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import MTT_MODES, dc_loss, dm_loss, mtt_plan, random_network
 from vdistill.distill.synset import (PixelSet, RealSampler, S2DSet, SlotLayout, draw_seed, init_static_memory,
-                                     random_real_frames, seeded_init)
-from vdistill.models import build_model
+                                     random_real_frames)
+from vdistill.models import build_model, seeded
 
 # `snapshot(expert_id, epoch) -> (P,)` flat expert parameters (TrajectoryReader.snapshot behind an id).
 SnapshotReader = Callable[[int, int], torch.Tensor]
@@ -120,7 +120,7 @@ def _mtt_loss_fn(synset: SyntheticSet, num_items: int, snapshot: SnapshotReader,
         raise ValueError(f"dynamic.mtt_mode must be one of {sorted(MTT_MODES)} (got {mtt.mode!r})")
     objective = MTT_MODES[mtt.mode]
     # Only the architecture matters (weights come from the flat vectors); seeded so the global RNG is not consumed.
-    student = seeded_init(0, build_student).to(device=device, dtype=dtype).train()
+    student = seeded(0, build_student).to(device=device, dtype=dtype).train()
 
     def loss_fn(generator: torch.Generator, cursor: ExpertCursor) -> torch.Tensor:
         expert = cursor.next(generator)

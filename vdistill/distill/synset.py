@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from vdistill.data.pixels import to_model_input
-from vdistill.models import Integrator
+from vdistill.models import Integrator, seeded
 
 # Real clips for one class: `sample_real(c, n, generator) -> uint8 (n, T, H, W, 3)`.
 RealSampler = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -80,13 +80,6 @@ class SlotLayout:
                     dynamics_per_slot=self.dynamics_per_slot)
 
 
-def seeded_init(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Build a module whose default initialisation draws from `seed`, leaving the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        return build()
-
-
 def draw_seed(generator: torch.Generator) -> int:
     """A 63-bit seed from an explicit generator: how sub-components get their own reproducible stream."""
     return int(torch.randint(2**62, (1,), generator=generator))
@@ -144,7 +137,7 @@ class S2DSet:
         size = static_memory.shape[-1]
         dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, size, size, generator=generator,
                               dtype=static_memory.dtype)
-        integrator = seeded_init(draw_seed(generator), lambda: Integrator(integrator_init))
+        integrator = seeded(draw_seed(generator), lambda: Integrator(integrator_init))
         return cls(layout, static_memory, dynamic.to(static_memory.device), integrator,
                    torch.tensor(syn_lr), train_static)
 
@@ -320,4 +313,4 @@ class PixelSource:
 
 
 __all__ = ["PAPER_SLOT_PAIRING", "PixelSet", "PixelSource", "RealSampler", "S2DSet", "S2DSource", "SlotLayout",
-           "draw_seed", "init_static_memory", "random_real_frames", "seeded_init"]
+           "draw_seed", "init_static_memory", "random_real_frames"]

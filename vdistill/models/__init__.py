@@ -1,6 +1,8 @@
 """Networks: ConvNet3D (distillation + evaluation), ConvNet2D (still images), the integrator, and a factory."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -10,7 +12,14 @@ from vdistill.models.functional import flat_params, functional_forward, load_fla
 from vdistill.models.integrator import Integrator
 
 __all__ = ["ConvNet2D", "ConvNet3D", "Integrator", "build_model", "flat_params", "functional_forward",
-           "load_flat_", "param_names", "unflatten"]
+           "load_flat_", "param_names", "seeded", "unflatten"]
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module whose default initialisation draws from `seed`, leaving the global RNG untouched (W-10)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=None,
@@ -22,9 +31,7 @@ def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=N
     construction, so callers' random streams are untouched (method.md W-10).
     """
     if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_model(name, num_classes, frames, size, model_cfg)
+        return seeded(seed, lambda: build_model(name, num_classes, frames, size, model_cfg))
     width = getattr(model_cfg, "width", 128)
     if name == "convnet3d":
         return ConvNet3D(num_classes, frames, size, width=width, head=getattr(model_cfg, "head", "paper"),
