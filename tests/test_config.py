@@ -69,3 +69,8 @@ def test_cli_reports_a_bad_config_and_exits_2(capsys):
 def test_public_config_never_contains_credentials():
     cfg = load_config(None, ["storage.access_key=AKIA123", "storage.secret_key=s3cr3t"])
     assert "s3cr3t" not in str(cfg.public_dict()) and "AKIA123" not in str(cfg.public_dict())
+
+
+def test_cli_takes_overrides_after_options_too(capsys):
+    assert main(["evaluate", str(PRESETS / "demo.yaml"), "--full", "decode.frames=0"]) == 2
+    assert "decode.frames" in capsys.readouterr().err

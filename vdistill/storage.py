@@ -11,7 +11,7 @@ import os
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs

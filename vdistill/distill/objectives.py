@@ -73,15 +73,18 @@ def dc_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class:
     theta = flat_params(net).to(next(net.parameters())).requires_grad_(True)
     loss = torch.zeros(())
     for c, (real, syn) in enumerate(zip(real_by_class, syn_by_class, strict=True)):
-        def class_grad(x: torch.Tensor, create_graph: bool) -> dict[str, torch.Tensor]:
-            y = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
-            ce = F.cross_entropy(functional_forward(net, theta, x), y)
-            (grad,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
-            return unflatten(net, grad)
-
-        real_grad = {k: v.detach() for k, v in class_grad(real, False).items()}
-        loss = loss.to(theta) + gradient_distance(real_grad, class_grad(syn, True))
+        real_grad = {k: v.detach() for k, v in _class_grad(net, theta, real, c, create_graph=False).items()}
+        loss = loss.to(theta) + gradient_distance(real_grad, _class_grad(net, theta, syn, c, create_graph=True))
     return loss
+
+
+def _class_grad(net: nn.Module, theta: torch.Tensor, x: torch.Tensor, c: int, create_graph: bool
+                ) -> dict[str, torch.Tensor]:
+    """∇θ CE(net(x; θ), c) per parameter name."""
+    y = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+    ce = F.cross_entropy(functional_forward(net, theta, x), y)
+    (grad,) = torch.autograd.grad(ce, theta, create_graph=create_graph)
+    return unflatten(net, grad)
 
 
 def random_network(build: Callable[[], nn.Module], seed: int, device: torch.device | str,
