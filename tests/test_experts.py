@@ -39,7 +39,7 @@ def tiny_config(root: str, name: str, *extra: str):
         f"run.root={root}", f"run.name={name}", f"cache.uri={root}/cache", "run.device=cpu",
         "model.width=8", "model.head=adaptive", "model.width_2d=8", "model.depth_2d=2",
         "dynamic.max_start_epoch=2", "dynamic.expert_epochs=1", f"experts.epochs={EPOCHS}",
-        "experts.batch_size=8", "experts.test_every=1", *extra,
+        "experts.batch_size=8", "experts.lr=0.01", "experts.test_every=1", *extra,
     ])
 
 

@@ -16,7 +16,7 @@ TINY = [
     "model.depth_2d=2", "experts.num_experts=2", "experts.batch_size=8", "static.iterations=3",
     "dynamic.method=mtt", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2", "dynamic.checkpoint_every=5",
     "baselines.pixel_iterations=2", "baselines.pixel_methods=[dm]", "baselines.coresets=[random]",
-    "evaluate.epochs=2", "evaluate.num_eval=2", "baselines.full=false", "run.coordinator_cpus=1",
+    "evaluate.epochs=2", "evaluate.num_eval=2", "baselines.full=false", "run.coordinator_cpus=1", "dynamic.eval_every=100",
 ]
 STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
 
@@ -53,6 +53,12 @@ def test_killed_coordinator_resumes_the_dynamic_stage_from_its_checkpoint(interr
     assert resumed < cfg.dynamic.iterations
 
 
+def test_evaluations_during_distillation_are_collected(interrupted_run):
+    _, _, _, outputs = interrupted_run
+    best = outputs["dynamic-mtt"]["best"]
+    assert best["iteration"] in (100, 200, 300) and 0.0 <= best["top1_mean"] <= 1.0
+
+
 def test_stages_finished_before_the_kill_are_not_rerun(interrupted_run):
     cfg, storage, before, _ = interrupted_run
     for stage, old in before.items():
@@ -62,7 +68,7 @@ def test_stages_finished_before_the_kill_are_not_rerun(interrupted_run):
 def test_resumed_run_completes_with_results_and_an_artifact(interrupted_run):
     cfg, storage, _, outputs = interrupted_run
     rows = storage.read_json(join(cfg.run_uri, "evaluate", "results.json"))
-    assert [r["method"] for r in rows] == ["random", "DM (pixels)", "MTT+S2D"]
+    assert [r["method"] for r in rows] == ["random", "DM (pixels)", "MTT+S2D", "DM+S2D"]
     meta = storage.read_json(join(outputs["export"]["artifact"], "meta.json"))
     assert meta["kind"] == "s2d" and meta["layout"]["vpc"] == 1
     assert storage.is_file(join(outputs["export"]["artifact"], "static_memory.safetensors"))

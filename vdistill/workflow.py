@@ -139,7 +139,7 @@ def _log_static_grid(p: Pipeline, images: torch.Tensor, per_row: int) -> None:
     p.tracker.log_image(image_grid(to_uint8(images), nrow=per_row * 4), "static_memory.png")
 
 
-def _async_evaluations(p: Pipeline, name: str, pending: list):
+def _async_evaluations(p: Pipeline, pending: list):
     """on_eval hook: launch the evaluation as Ray tasks and return at once; results are collected later."""
     from vdistill.evaluate import launch_evaluation
 
@@ -197,7 +197,7 @@ def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     run_dynamic_stage(method, synset, sampler.sample, dcfg, device, cfg.run.seed, model_cfg=cfg.model,
                       snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
                       on_metrics=_metrics_logger(p, f"dynamic-{method}"),
-                      on_eval=_async_evaluations(p, f"dynamic-{method}", pending) if dcfg.eval_every else None)
+                      on_eval=_async_evaluations(p, pending) if dcfg.eval_every else None)
     best = _log_evaluations(p, f"dynamic-{method}", pending)
     t = synset.state_tensors()
     uri = p.stage_uri(f"dynamic-{method}", SET_FOLDER)
