@@ -96,12 +96,18 @@ def _checkpointing(p: Pipeline, stage: str):
     return state, lambda s: save_state(p.storage, uri, s)
 
 
-def _metrics_logger(p: Pipeline, prefix: str):
+def _metrics_logger(p: Pipeline, prefix: str, total: int, start: int):
+    """Per-iteration callback: MLflow metrics plus a progress bar (loss, syn_lr) in the coordinator's log."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=prefix, unit="it", mininterval=5)
+
     def log(iteration: int, metrics: dict[str, float]) -> None:
         p.tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
-        if iteration % 10 == 0:
-            p.log(f"[{prefix}] it {iteration}  loss {metrics['loss']:.4g}  syn_lr {metrics['syn_lr']:.4g}  "
-                  f"{metrics['seconds']:.2f}s/it")
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", syn_lr=f"{metrics['syn_lr']:.3g}", refresh=False)
+        bar.update(1)
+        if iteration + 1 == total:
+            bar.close()
     return log
 
 
@@ -123,7 +129,8 @@ def static(p: Pipeline) -> dict[str, Any]:
         cfg.static.method, sampler.sample, cfg.static, layout, sampler.manifest["size"],
         resolve_device(cfg.run.device), cfg.run.seed, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
         mtt=MttSettings.from_config(cfg.dynamic), state=state, on_checkpoint=save,
-        on_metrics=_metrics_logger(p, "static"), checkpoint_every=cfg.dynamic.checkpoint_every)
+        on_metrics=_metrics_logger(p, "static", cfg.static.iterations, state["iteration"] if state else 0),
+        checkpoint_every=cfg.dynamic.checkpoint_every)
     uri = p.stage_uri("static", "static_memory.safetensors")
     p.storage.write_tensors(uri, {"static_memory": images}, {
         "classes": ",".join(sampler.classes), "normalisation": "imagenet", "layout": str(layout.to_dict())})
@@ -136,7 +143,7 @@ def _log_static_grid(p: Pipeline, images: torch.Tensor, per_row: int) -> None:
     from vdistill.data.pixels import to_uint8
     from vdistill.render import image_grid
 
-    p.tracker.log_image(image_grid(to_uint8(images), nrow=per_row * 4), "static_memory.png")
+    p.tracker.log_image(image_grid(to_uint8(images), nrow=per_row), "static_memory.png")  # a row per class
 
 
 def _async_evaluations(p: Pipeline, pending: list):
@@ -196,7 +203,7 @@ def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     pending: list = []
     run_dynamic_stage(method, synset, sampler.sample, dcfg, device, cfg.run.seed, model_cfg=cfg.model,
                       snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
-                      on_metrics=_metrics_logger(p, f"dynamic-{method}"),
+                      on_metrics=_metrics_logger(p, f"dynamic-{method}", dcfg.iterations, resumed_from),
                       on_eval=_async_evaluations(p, pending) if dcfg.eval_every else None)
     best = _log_evaluations(p, f"dynamic-{method}", pending)
     t = synset.state_tensors()
@@ -225,7 +232,9 @@ def pixels(p: Pipeline, method: str) -> dict[str, Any]:
     lr = cfg.baselines.pixel_lr_mtt if method == "mtt" else cfg.baselines.pixel_lr_dm
     run_pixel_baseline(method, pixel_set, sampler.sample, cfg.dynamic_for(method), lr, cfg.baselines.pixel_iterations,
                        device, cfg.run.seed, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
-                       state=state, on_checkpoint=save, on_metrics=_metrics_logger(p, f"pixels-{method}"))
+                       state=state, on_checkpoint=save,
+                       on_metrics=_metrics_logger(p, f"pixels-{method}", cfg.baselines.pixel_iterations,
+                                                  state["iteration"] if state else 0))
     videos, labels = pixel_set.all_videos()
     uri = p.stage_uri(f"pixels-{method}", SET_FOLDER)
     meta = export_pixels(p.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,
