@@ -46,6 +46,8 @@ def ingest(p: Pipeline) -> dict[str, Any]:
     from vdistill.data.ingest import format_summary, run_ingest
 
     summary = run_ingest(p.cfg, p.storage)
+    if not summary["skipped"]:  # the resolved config travels with what it produced
+        p.storage.write_json(join(p.cfg.cache_uri, "config.json"), p.cfg.public_dict())
     p.log(format_summary(summary))
     p.tracker.log_metrics({"ingest/clips": summary["num_clips"], "ingest/quarantined": summary["quarantined"],
                            "ingest/clips_per_s": summary["throughput"]["clips_per_s"]})
@@ -329,6 +331,7 @@ def export(p: Pipeline) -> dict[str, Any]:
                       statics_per_slot=layout["statics_per_slot"], dynamics_per_slot=layout["dynamics_per_slot"],
                       classes=meta["classes"], syn_lr=meta.get("syn_lr"), config_hash=p.current_hash,
                       metrics=metrics)
+    p.storage.write_json(join(uri, "config.json"), p.cfg.public_dict())
     for name in meta["previews"]:
         p.tracker.log_artifact(p.storage.read_bytes(join(uri, name)), name.rsplit("/", 1)[-1], "previews")
     p.tracker.log_artifact(p.storage.read_bytes(join(uri, "meta.json")), "meta.json", "artifact")
