@@ -334,7 +334,9 @@ def export(p: Pipeline) -> dict[str, Any]:
     p.storage.write_json(join(uri, "config.json"), p.cfg.public_dict())
     for name in meta["previews"]:
         p.tracker.log_artifact(p.storage.read_bytes(join(uri, name)), name.rsplit("/", 1)[-1], "previews")
-    p.tracker.log_artifact(p.storage.read_bytes(join(uri, "meta.json")), "meta.json", "artifact")
+    for name in ("meta.json", "config.json", "static_memory.safetensors", "dynamic_memory.safetensors",
+                 "integrator.safetensors"):
+        p.tracker.log_artifact(p.storage.read_bytes(join(uri, name)), name, "artifact")
     return {"artifact": uri, "previews": [join(uri, n) for n in meta["previews"]], "storage": meta["storage"]}
 
 
