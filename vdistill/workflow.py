@@ -152,7 +152,7 @@ def _async_evaluations(p: Pipeline, pending: list):
     """on_eval hook: launch the evaluation as Ray tasks and return at once; results are collected later."""
     from vdistill.evaluate import launch_evaluation
 
-    test = _test_set(p)
+    test = p.split(p.cfg.data.test_split)
 
     def on_eval(iteration: int, source) -> None:
         pending.append((iteration, launch_evaluation(source, test, p.cfg, lr=_eval_lr(p.cfg, source))))
@@ -162,10 +162,6 @@ def _async_evaluations(p: Pipeline, pending: list):
 def _eval_lr(cfg: Config, source) -> float | None:
     learned = getattr(source, "syn_lr", None)
     return float(learned) if cfg.evaluate.use_learned_lr and learned is not None else None
-
-
-def _test_set(p: Pipeline):
-    return p.split(p.cfg.data.test_split)
 
 
 def _log_evaluations(p: Pipeline, name: str, pending: list) -> dict[str, Any]:
@@ -288,7 +284,7 @@ def _training_sets(p: Pipeline) -> list[tuple[str, int, Any, float, int]]:
 def evaluate(p: Pipeline) -> dict[str, Any]:
     from vdistill.evaluate import format_results_table, launch_evaluation
 
-    test = _test_set(p)
+    test = p.split(p.cfg.data.test_split)
     jobs = []
     for label, vpc, source, mb, clips in _training_sets(p):
         epochs = p.cfg.baselines.full_epochs if label == "full data" else None

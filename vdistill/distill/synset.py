@@ -205,38 +205,14 @@ class S2DSet:
                  "integrator": sum(p.numel() for p in self.integrator.parameters())}
         return {**parts, "total": sum(parts.values())}
 
-    def source(self) -> "S2DSource":
-        """A picklable CPU snapshot that re-pairs on every call, for evaluation tasks."""
+    def source(self):
+        """A picklable CPU snapshot that re-pairs on every call (an `export.S2DDataset`), for evaluation tasks."""
+        from vdistill.export import S2DDataset  # export builds on this module
+
         t = self.state_tensors()
-        return S2DSource(self.layout, t["static_memory"].cpu(), t["dynamic_memory"].cpu(),
-                         {k.split(".", 1)[1]: v.cpu() for k, v in t.items() if k.startswith("integrator.")},
-                         float(self.syn_lr))
-
-
-@dataclass
-class S2DSource:
-    """Evaluation `EpochSource`: `(generator) -> (videos (C*vpc, T, 3, H, W), labels)`, a fresh pairing per call.
-
-    Re-pairing per epoch is the paper's augmentation (method.md 5.3). The original's VPC=1 evaluation draws the
-    dynamic clip from all `dpc` of the class while training draws from the slot's own; here evaluation uses the
-    same in-slot rule as training, so what is evaluated is what was optimised. `syn_lr` is the distilled learning
-    rate (evaluation trains with it when asked).
-    """
-
-    layout: SlotLayout
-    static_memory: torch.Tensor
-    dynamic_memory: torch.Tensor
-    integrator_state: dict[str, torch.Tensor]
-    syn_lr: float | None = None
-    device: str = "cpu"
-
-    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        integrator = Integrator()
-        integrator.load_state_dict(self.integrator_state)
-        synset = S2DSet(self.layout, self.static_memory.to(self.device), self.dynamic_memory.to(self.device),
-                        integrator, torch.tensor(self.syn_lr or 0.0))
-        with torch.no_grad():
-            return synset.all_videos(generator)
+        return S2DDataset(t["static_memory"].cpu(), t["dynamic_memory"].cpu(),
+                          {k.split(".", 1)[1]: v.cpu() for k, v in t.items() if k.startswith("integrator.")},
+                          self.layout, {"syn_lr": float(self.syn_lr)})
 
 
 class PixelSet:
@@ -295,22 +271,13 @@ class PixelSet:
     def storage_floats(self) -> dict[str, int]:
         return {"videos": self.videos.numel(), "total": self.videos.numel()}
 
-    def source(self) -> "PixelSource":
-        return PixelSource(self.videos.detach().cpu().clone(), self.vpc, float(self.syn_lr))
+    def source(self):
+        """A picklable CPU snapshot, the same videos every epoch (an `export.PixelDataset`), for evaluation tasks."""
+        from vdistill.export import PixelDataset  # export builds on this module
+
+        videos, labels = self.all_videos()
+        return PixelDataset(videos.detach().cpu().clone(), labels.cpu(), {"syn_lr": float(self.syn_lr)})
 
 
-@dataclass
-class PixelSource:
-    """Evaluation `EpochSource` for a pixel set: the same videos every epoch."""
-
-    videos: torch.Tensor
-    vpc: int
-    syn_lr: float | None = None
-
-    def __call__(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.div(torch.arange(self.videos.shape[0]), self.vpc, rounding_mode="floor")
-        return self.videos, labels
-
-
-__all__ = ["PAPER_SLOT_PAIRING", "PixelSet", "PixelSource", "RealSampler", "S2DSet", "S2DSource", "SlotLayout",
+__all__ = ["PAPER_SLOT_PAIRING", "PixelSet", "RealSampler", "S2DSet", "SlotLayout",
            "draw_seed", "init_static_memory", "random_real_frames"]
