@@ -105,3 +105,18 @@ def test_evaluate_set_runs_each_seed_as_a_ray_task_and_aggregates(ray_session):
         assert summary["top5_mean"] == pytest.approx(top5.mean()) and summary["top5_std"] == pytest.approx(top5.std())
     table = format_results_table([{"method": "random", "vpc": 2, **result}])
     assert "random" in table and "mc3_18" in table and "top-5" in table
+
+
+def test_a_diverged_evaluation_is_reported_as_failed_not_as_a_number():
+    train, test = colour_clips(2, 0), colour_clips(2, 1)
+    result = train_and_test(TensorSource(train.videos, train.labels), test, model_name="convnet3d", num_classes=8,
+                            frames=8, size=16, model_cfg=MODEL, eval_cfg=EvaluateConfig(epochs=5, batch_size=16),
+                            train_cfg=TrainConfig(), lr=1e6, seed=0, device="cpu")
+    assert result["top1"] is None and "lower evaluate.lr" in result["failed"]
+    from vdistill.evaluate import _summary
+
+    summary = _summary([result, {"top1": 0.5, "top5": 0.9}])
+    assert summary["top1_mean"] is None and summary["failed"] == 1
+    table = format_results_table([{"method": "DM+S2D", "vpc": 1, "storage_mb": 1.0, "clips": 8,
+                                   "models": {"convnet3d": summary}}])
+    assert "failed (1/2 diverged)" in table and "nan" not in table.lower()

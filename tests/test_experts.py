@@ -9,8 +9,8 @@ import torch
 
 from vdistill.config import load_config
 from vdistill.data.ingest import MANIFEST, _write_part
-from vdistill.experts import (FAIL_ONCE_ENV, TrajectoryReader, list_trajectories, plan_experts, run_experts,
-                              snapshot_name, train_expert)
+from vdistill.experts import (FAIL_ONCE_ENV, ExpertsFailed, TrajectoryReader, list_trajectories, plan_experts,
+                              run_experts, snapshot_name, train_expert)
 from vdistill.storage import Storage, join
 
 CLASSES = ["a", "b", "c", "d"]
@@ -155,3 +155,34 @@ def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp
         trajectories.append(storage.read_tensors(train_expert(job, storage, train, test, torch.device("cpu"))))
     assert trajectories[0].keys() == trajectories[1].keys()
     assert all(torch.equal(trajectories[0][k], trajectories[1][k]) for k in trajectories[0])
+
+
+def test_a_diverging_lr_fails_the_stage_naming_the_expert_and_the_key_then_a_sane_lr_finishes(ray_session, cache_root):
+    storage = Storage()
+    diverging = tiny_config(cache_root, "diverge", "experts.num_experts=2", "experts.num_workers=1", "experts.lr=1e4")
+    with pytest.raises(ExpertsFailed, match=r"2 of 2 video experts did not finish") as failure:
+        run_experts(diverging, storage, "video", progress=False)
+    message = str(failure.value)
+    assert "video expert 0 diverged in epoch" in message and "video expert 1 diverged" in message
+    assert "experts.lr=10000" in message and "lower experts.lr" in message
+    assert list_trajectories(storage, diverging.run_uri, "video") == []  # nothing non-finite marked finished
+    assert not storage.exists(join(diverging.run_uri, "experts", "video", "manifest.json"))
+
+    sane = tiny_config(cache_root, "diverge", "experts.num_experts=2", "experts.num_workers=1")
+    uris = run_experts(sane, storage, "video", progress=False)
+    assert len(list_trajectories(storage, sane.run_uri, "video")) == 2
+    for uri in uris:
+        assert all(torch.isfinite(t).all() for t in storage.read_tensors(uri).values())
+
+
+def test_experts_of_an_unfinished_stage_are_retrained_with_new_settings_but_a_finished_stage_refuses(
+        ray_session, cache_root):
+    storage = Storage()
+    first = tiny_config(cache_root, "relr", "experts.num_experts=1", "experts.num_workers=1")
+    (uri,) = run_experts(first, storage, "video", progress=False)
+    changed = tiny_config(cache_root, "relr", "experts.num_experts=1", "experts.num_workers=1", "experts.lr=0.02")
+    with pytest.raises(ValueError, match="trained with other settings"):
+        run_experts(changed, storage, "video", progress=False)
+    storage.delete(join(first.run_uri, "experts", "video", "manifest.json"))  # as if the stage had failed
+    assert run_experts(changed, storage, "video", progress=False) == [uri]
+    assert TrajectoryReader(storage, uri).meta["lr"] == 0.02

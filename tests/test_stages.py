@@ -212,3 +212,23 @@ def test_zero_iteration_pixel_baseline_evaluates_the_real_initialisation():
     run_pixel_baseline("dm", pixels, class_sampler(), dyn_cfg(), 1.0, 0, "cpu", 0, model_cfg=MODEL,
                        on_eval=lambda it, source: calls.append(it))
     assert calls == [0]
+
+
+def test_mtt_names_the_expert_and_epochs_of_a_segment_that_did_not_move():
+    frozen = flat_params(ConvNet3D(C, T, SIZE, width=8, head="adaptive"))
+    with pytest.raises(ValueError, match=r"expert 0: the snapshots of epochs \d and \d are identical"):
+        run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1), "cpu", 0, model_cfg=MODEL,
+                          snapshot=lambda expert, epoch: frozen.clone(), expert_ids=[0])
+
+
+def test_mtt_names_a_diverged_expert_and_the_key_to_lower():
+    snapshot, _ = video_experts(1)
+    with pytest.raises(FloatingPointError, match=r"expert 0 has non-finite weights.*lower experts.lr"):
+        run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1), "cpu", 0, model_cfg=MODEL,
+                          snapshot=lambda expert, epoch: snapshot(expert, epoch) * float("nan"), expert_ids=[0])
+
+
+def test_a_non_finite_distillation_stops_naming_the_stage_iteration_and_keys():
+    with pytest.raises(FloatingPointError, match=r"dynamic stage \(dm\).*iteration \d.*lower dynamic.lr_dynamic"):
+        run_dynamic_stage("dm", s2d_set(), class_sampler(), dyn_cfg(iterations=2, lr_dynamic=1e30), "cpu", 0,
+                          model_cfg=MODEL)

@@ -22,6 +22,7 @@ Every number in a results table comes from here, so the protocol is pinned in on
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -132,6 +133,10 @@ def _train_then_test(source: EpochSource, test_set: ClipSet, model: torch.nn.Mod
             videos, labels = source(generator)
         stats = train_epoch(model, videos.detach(), labels, optimizer, batch_size=eval_cfg.batch_size,
                             device=device, generator=generator, standardize=train_cfg.standardize, augment=augment)
+        if not math.isfinite(stats["loss"]):  # a diverged network scores nothing: report it, never a number
+            return {"top1": None, "top5": None, "train_loss": stats["loss"], "train_acc": stats["acc"],
+                    "failed": f"training loss {stats['loss']} in epoch {epoch + 1}/{eval_cfg.epochs} at lr {lr:g}; "
+                              "lower evaluate.lr"}
         if epoch == decay_after:
             optimizer = sgd(lr * 0.1)  # a NEW optimizer (momentum reset), as the paper's code does
     scores = test_accuracy(model, test_set.videos, test_set.labels, batch_size=eval_cfg.batch_size, device=device,
@@ -146,10 +151,15 @@ def _train_and_test_task(source: EpochSource, test_set: ClipSet, device_name: st
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± population std over seeds; any diverged run makes the whole row failed (None), never a number."""
+    failed = sum(1 for r in runs if r.get("failed"))
+    if failed:
+        return {"top1_mean": None, "top1_std": None, "top5_mean": None, "top5_std": None, "failed": failed,
+                "runs": runs}
     top1 = np.array([r["top1"] for r in runs])
     top5 = np.array([r["top5"] for r in runs])
     return {"top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
-            "top5_mean": float(top5.mean()), "top5_std": float(top5.std()), "runs": runs}
+            "top5_mean": float(top5.mean()), "top5_std": float(top5.std()), "failed": 0, "runs": runs}
 
 
 @dataclass
@@ -226,16 +236,20 @@ def evaluate_set(
 def format_results_table(rows: list[dict[str, Any]]) -> str:
     """Rows of `{"method", "vpc", **evaluate_set(...)}` -> a plain-text table, one line per (method, model).
 
-    Accuracies are percentages, mean ± population std over seeds, scored after the last epoch.
+    Accuracies are percentages, mean ± population std over seeds, scored after the last epoch; a row
+    with diverged networks reads `failed (k/N diverged)`.
     """
     header = ("method", "vpc", "model", "storage MB", "clips", "top-1 %", "top-5 %")
     lines = [header]
     for row in rows:
         mb = "?" if row["storage_mb"] is None else f"{row['storage_mb']:.2f}"
         for model, s in row["models"].items():
-            lines.append((str(row["method"]), str(row["vpc"]), model, mb, str(row["clips"]),
-                          f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}",
-                          f"{100 * s['top5_mean']:.1f} ± {100 * s['top5_std']:.1f}"))
+            if s.get("failed"):
+                cells = (f"failed ({s['failed']}/{len(s['runs'])} diverged)", "-")
+            else:
+                cells = (f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}",
+                         f"{100 * s['top5_mean']:.1f} ± {100 * s['top5_std']:.1f}")
+            lines.append((str(row["method"]), str(row["vpc"]), model, mb, str(row["clips"]), *cells))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "-+-".join("-" * w for w in widths))

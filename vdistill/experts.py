@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -74,6 +75,11 @@ class ExpertJob:
     @property
     def partial_uri(self) -> str:
         return join(self.out_uri, "partial", f"expert_{self.index:03d}")
+
+    @property
+    def failure_uri(self) -> str:
+        """Where a worker records why this expert could not be finished (read by the driver)."""
+        return join(self.out_uri, "failed", f"expert_{self.index:03d}.json")
 
     @property
     def model_spec(self) -> dict[str, Any]:
@@ -154,17 +160,32 @@ def list_trajectories(storage: Storage, run_uri: str, kind: str) -> list[str]:
     return [uri for uri in files if _EXPERT_FILE.search(uri)]
 
 
+def _finished_hash(storage: Storage, job: ExpertJob) -> str | None:
+    """Input hash of the expert's finished file, or None when it has none yet."""
+    if not storage.is_file(job.uri):
+        return None
+    return json.loads(storage.read_tensor_metadata(job.uri)["meta"]).get("input_hash")
+
+
 def is_complete(storage: Storage, job: ExpertJob) -> bool:
     """True when the final file exists for these settings; a file from other settings is an error."""
-    if not storage.is_file(job.uri):
-        return False
-    meta = json.loads(storage.read_tensor_metadata(job.uri)["meta"])
-    if meta.get("input_hash") != job.input_hash:
+    found = _finished_hash(storage, job)
+    if found is not None and found != job.input_hash:
         raise ValueError(
-            f"{job.uri} was trained with other settings (input hash {meta.get('input_hash')} != {job.input_hash}); "
+            f"{job.uri} was trained with other settings (input hash {found} != {job.input_hash}); "
             "use another run.name or delete the experts folder"
         )
-    return True
+    return found is not None
+
+
+class ExpertDiverged(FloatingPointError):
+    """An expert's loss or weights became non-finite: it is never written as finished."""
+
+    def __init__(self, job: ExpertJob, epoch: int, loss: float) -> None:
+        super().__init__(
+            f"{job.kind} expert {job.index} diverged in epoch {epoch}/{job.epochs} (training loss {loss:.4g}, "
+            f"non-finite loss or weights) with experts.lr={job.lr:g}; lower experts.lr (e.g. "
+            f"experts.lr={job.lr / 10:g}) and run the same command again")
 
 
 # ---- training one expert ----------------------------------------------------------------------------------
@@ -313,11 +334,14 @@ def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.de
                 model, train_x, train.labels, optimizer, batch_size=job.batch_size, device=device,
                 generator=generator, standardize=job.standardize, augment=augment)}
             record["train_seconds"] = time.perf_counter() - start
+            snapshot = flat_params(model).cpu()
+            if not (math.isfinite(record["loss"]) and bool(torch.isfinite(snapshot).all())):
+                raise ExpertDiverged(job, epoch, record["loss"])
             if epoch == job.epochs or (job.test_every and epoch % job.test_every == 0):
                 record.update(test_accuracy(model, test_x, test.labels, batch_size=job.batch_size, device=device,
                                             standardize=job.standardize))
             record["finished_at"] = time.time()  # wall clock: lets benchmarks split startup from training
-            snapshots.append(flat_params(model).cpu())
+            snapshots.append(snapshot)
             progress.history.append(record)
             _write_partial(storage, job, model, snapshots[-1], optimizer, generator, device, progress)
             log.info("expert %s/%03d epoch %d/%d %s", job.kind, job.index, epoch, job.epochs,
@@ -355,7 +379,10 @@ def _expert_worker(config: dict[str, Any]) -> None:
     train = load_split(storage, jobs[0].cache_uri, jobs[0].train_split)
     test = load_split(storage, jobs[0].cache_uri, jobs[0].test_split)
     for job in jobs:
-        train_expert(job, storage, train, test, device)
+        try:
+            train_expert(job, storage, train, test, device)
+        except ExpertDiverged as exc:  # retrying cannot help (training is deterministic): report, go on
+            storage.write_json(job.failure_uri, {"error": str(exc)})
 
 
 def _epochs_done(storage: Storage, job: ExpertJob) -> int:
@@ -424,21 +451,52 @@ def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -
         trainer.fit()
 
 
+class ExpertsFailed(RuntimeError):
+    """Some experts could not be finished; none of them is marked complete, the stage fails."""
+
+    def __init__(self, kind: str, total: int, reasons: list[str]) -> None:
+        super().__init__(f"{len(reasons)} of {total} {kind} experts did not finish:\n  " + "\n  ".join(reasons))
+
+
+def _failure(storage: Storage, job: ExpertJob) -> str:
+    record = storage.read_json_or(job.failure_uri)
+    return record["error"] if record else f"{job.kind} expert {job.index}: Ray Train finished without its file {job.uri}"
+
+
+def _pending(storage: Storage, jobs: list[ExpertJob], *, stage_finished: bool) -> list[ExpertJob]:
+    """Experts to train. Files from other settings are retrained while the stage never finished (a run that
+    failed, e.g. on a diverging lr, then re-run with a fix); on a finished stage they are refused."""
+    pending = []
+    for job in jobs:
+        found = _finished_hash(storage, job)
+        if found == job.input_hash:
+            continue
+        if found is not None:
+            if stage_finished:
+                is_complete(storage, job)  # raises: the finished stage used other settings
+            log.info("%s expert %d was trained with other settings by an unfinished run: retraining", job.kind,
+                     job.index)
+            storage.delete(job.uri)
+        pending.append(job)
+    return pending
+
+
 def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = True) -> list[str]:
     """Train every unfinished expert of `kind` through Ray Train; -> the trajectory URIs, by expert index.
 
     A no-op (no Ray Train run, no file written) when every expert and the manifest are already there.
     """
     jobs = plan_experts(cfg, storage, kind)
-    pending = [job for job in jobs if not is_complete(storage, job)]
+    manifest_uri = join(trajectory_dir(cfg.run_uri, kind), "manifest.json")
+    pending = _pending(storage, jobs, stage_finished=storage.is_file(manifest_uri))
     if pending:
         log.info("training %d of %d %s experts for %d epochs", len(pending), len(jobs), kind, jobs[0].epochs)
+        storage.delete(join(trajectory_dir(cfg.run_uri, kind), "failed"))
         _fit(cfg, storage, pending, progress)
-        missing = [job.uri for job in pending if not is_complete(storage, job)]
-        if missing:
-            raise RuntimeError(f"Ray Train finished but these experts are incomplete: {missing}")
+        failed = [job for job in pending if not is_complete(storage, job)]
+        if failed:
+            raise ExpertsFailed(kind, len(jobs), [_failure(storage, job) for job in failed])
         storage.delete(join(trajectory_dir(cfg.run_uri, kind), "partial"))
-    manifest_uri = join(trajectory_dir(cfg.run_uri, kind), "manifest.json")
     manifest = {"format": FORMAT, "kind": kind, "epochs": jobs[0].epochs, "cache_manifest_hash": jobs[0].manifest_hash,
                 "experts": {os.path.basename(job.uri): job.input_hash for job in jobs}}
     if storage.read_json_or(manifest_uri) != manifest:

@@ -140,8 +140,8 @@ def _student_gradient(student: nn.Module, theta: torch.Tensor, make_batch: MakeB
 def _match_denominator(start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     denom = (start - target).pow(2).sum()
     if not denom > 0:
-        raise ValueError("expert start and target snapshots are identical: the trajectory was saved as aliases of "
-                         "the live weights (method.md W-23) or expert_epochs points at the same epoch")
+        raise ValueError(f"cannot match a trajectory segment of squared length {denom.item()}: the start and target "
+                         "expert snapshots must be finite and differ")
     return denom
 
 

@@ -127,17 +127,35 @@ def _mtt_loss_fn(synset: SyntheticSet, num_items: int, snapshot: SnapshotReader,
         start_epoch = int(torch.randint(mtt.max_start_epoch, (1,), generator=generator))
         start = snapshot(expert, start_epoch).to(device=device, dtype=dtype)
         target = snapshot(expert, start_epoch + mtt.expert_epochs).to(device=device, dtype=dtype)
+        _check_trajectory(expert, start_epoch, start_epoch + mtt.expert_epochs, start, target)
         plan = mtt_plan(num_items, mtt.syn_steps, mtt.batch_syn, generator)
         return objective(student, start, target, synset.syn_lr, synset.materialize, plan, synset.leaves())
 
     return loss_fn
 
 
+def _check_trajectory(expert: int, start_epoch: int, target_epoch: int, start: torch.Tensor,
+                      target: torch.Tensor) -> None:
+    """An expert segment MTT can match: finite, and the weights moved between the two snapshots."""
+    if not (torch.isfinite(start).all() and torch.isfinite(target).all()):
+        raise FloatingPointError(
+            f"expert {expert} has non-finite weights at epoch {start_epoch} or {target_epoch}: it diverged while "
+            "training; retrain the experts with a lower experts.lr")
+    if torch.equal(start, target):
+        raise ValueError(
+            f"expert {expert}: the snapshots of epochs {start_epoch} and {target_epoch} are identical, so there is "
+            "no trajectory to match; the expert did not train (check experts.lr) or its file was written wrongly")
+
+
 def _run_loop(synset: SyntheticSet, optimizers: dict[str, torch.optim.Optimizer], loss_fn: LossFn, *,
-              iterations: int, generator: torch.Generator, cursor: ExpertCursor, min_syn_lr: float | None,
+              name: str, lr_keys: str, iterations: int, generator: torch.Generator, cursor: ExpertCursor, min_syn_lr: float | None,
               checkpoint_every: int, eval_every: int, state: dict | None, on_checkpoint: OnCheckpoint | None,
               on_metrics: OnMetrics | None, on_eval: OnEval | None) -> None:
-    """The shared engine: step, clamp syn_lr, report, evaluate, checkpoint; resumes from `state`."""
+    """The shared engine: step, clamp syn_lr, report, evaluate, checkpoint; resumes from `state`.
+
+    A non-finite loss or synthetic tensor stops the loop with an error naming `name`, the iteration and
+    `lr_keys` (the config keys to lower), before anything non-finite can be checkpointed or exported.
+    """
     start, best = 0, {}
     if state is not None:
         synset.load_state_tensors(state["tensors"])
@@ -164,10 +182,13 @@ def _run_loop(synset: SyntheticSet, optimizers: dict[str, torch.optim.Optimizer]
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(generator, cursor)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation loss became {loss.item()} at iteration {it}; "
-                                     "lower the learning rates")
+            raise FloatingPointError(f"{name}: the distillation loss became {loss.item()} at iteration {it}; "
+                                     f"lower {lr_keys}")
         for opt in optimizers.values():
             opt.step()
+        if not all(bool(torch.isfinite(t).all()) for t in synset.leaves()):
+            raise FloatingPointError(f"{name}: the synthetic set became non-finite at iteration {it} (loss "
+                                     f"{loss.item():.4g}); lower {lr_keys}")
         if min_syn_lr is not None:
             with torch.no_grad():
                 synset.syn_lr.clamp_(min=min_syn_lr)
@@ -232,7 +253,9 @@ def run_static_stage(method: str, sample_real: RealSampler, static_cfg, layout: 
         min_lr = mtt.min_syn_lr if mtt.train_lr else None
     else:
         raise ValueError(f"static.method must be 'dm', 'dc' or 'mtt' (got {method!r})")
-    _run_loop(synset, optimizers, loss_fn, iterations=static_cfg.iterations, generator=generator,
+    _run_loop(synset, optimizers, loss_fn, name=f"static stage ({method})",
+              lr_keys="static.lr" + (" or dynamic.lr_lr" if method == "mtt" else ""),
+              iterations=static_cfg.iterations, generator=generator,
               cursor=ExpertCursor(list(expert_ids)), min_syn_lr=min_lr, checkpoint_every=checkpoint_every,
               eval_every=0, state=state, on_checkpoint=on_checkpoint, on_metrics=on_metrics, on_eval=None)
     return synset.videos.detach()
@@ -272,7 +295,11 @@ def run_dynamic_stage(method: str, synset: S2DSet, sample_real: RealSampler, dyn
         min_lr = mtt.min_syn_lr if mtt.train_lr else None
     else:
         raise ValueError(f"dynamic.method must be 'dm' or 'mtt' (got {method!r})")
-    _run_loop(synset, optimizers, loss_fn, iterations=cfg.iterations, generator=generator,
+    keys = [f"dynamic.{k}" for k in ("lr_dynamic", "lr_integrator")] + (["dynamic.lr_static"] if cfg.train_static
+                                                                        else [])
+    keys += ["dynamic.lr_lr"] if method == "mtt" and cfg.train_lr else []
+    _run_loop(synset, optimizers, loss_fn, name=f"dynamic stage ({method})", lr_keys=" or ".join(keys),
+              iterations=cfg.iterations, generator=generator,
               cursor=ExpertCursor(list(expert_ids)), min_syn_lr=min_lr, checkpoint_every=cfg.checkpoint_every,
               eval_every=cfg.eval_every, state=state, on_checkpoint=on_checkpoint, on_metrics=on_metrics,
               on_eval=on_eval)
@@ -306,7 +333,8 @@ def run_pixel_baseline(method: str, pixels: PixelSet, sample_real: RealSampler, 
         min_lr = mtt.min_syn_lr if mtt.train_lr else None
     else:
         raise ValueError(f"baselines.pixel_methods entries must be 'dm' or 'mtt' (got {method!r})")
-    _run_loop(pixels, optimizers, loss_fn, iterations=iterations, generator=generator,
+    _run_loop(pixels, optimizers, loss_fn, name=f"pixel baseline ({method})", lr_keys=f"baselines.pixel_lr_{method}",
+              iterations=iterations, generator=generator,
               cursor=ExpertCursor(list(expert_ids)), min_syn_lr=min_lr, checkpoint_every=dynamic_cfg.checkpoint_every,
               eval_every=dynamic_cfg.eval_every, state=state, on_checkpoint=on_checkpoint, on_metrics=on_metrics,
               on_eval=on_eval)
