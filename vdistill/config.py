@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vdistill.storage import absolute_uri
+
 
 class ConfigError(ValueError):
     """A config problem, phrased for the user: the dotted key and what it accepts."""
@@ -52,15 +54,22 @@ class DataConfig(_Section):
 
 
 class DemoConfig(_Section):
-    """The procedural demo dataset (vdistill.data.synthetic)."""
+    """The demo dataset: procedural shapes (vdistill.data.synthetic) or real camera footage (vdistill.data.footage)."""
 
-    classes: int = Field(10, ge=2, le=20)
+    kind: Literal["procedural", "footage"] = Field(
+        "procedural", description="procedural = generated shapes; footage = real camera shots played forwards, "
+        "reversed and at double speed (classes need motion)")
+    classes: int = Field(0, ge=0, le=20, description="0 = the kind's default: 10 procedural, 16 footage")
     train_per_class: int = Field(30, ge=1)
     test_per_class: int = Field(10, ge=1)
     size: int = Field(48, ge=16, le=512)
     frames: int = Field(16, ge=4)
     fps: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes or (16 if self.kind == "footage" else 10)
 
 
 class DecodeConfig(_Section):
@@ -105,7 +114,7 @@ class ExpertsConfig(_Section):
     num_experts: int = Field(4, ge=1)
     epochs: int = Field(0, ge=0, description="0 = max_start_epoch + expert_epochs + margin (what MTT reads)")
     epoch_margin: int = Field(1, ge=0)
-    lr: float = Field(0.1, gt=0, description="paper: 0.01 with batch 256 on thousands of clips")
+    lr: float = Field(0.01, gt=0, description="SGD lr (the paper's 0.01; 0.1 diverges on real camera clips)")
     momentum: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=1, description="Ray Train workers; each trains its own experts")
@@ -170,8 +179,8 @@ class DynamicConfig(_Section):
     batch_real: int = Field(32, ge=1)
     syn_steps: int = Field(10, ge=1)
     expert_epochs: int = Field(1, ge=1)
-    max_start_epoch: int = Field(6, ge=1)
-    lr_teacher: float = Field(0.1, gt=0, description="the experts' lr (experts.lr): where syn_lr starts")
+    max_start_epoch: int = Field(15, ge=1, description="MTT starts from expert epochs [0, max_start_epoch)")
+    lr_teacher: float | None = Field(None, gt=0, description="where syn_lr starts; unset = experts.lr")
     train_lr: bool = True
     lr_lr: float = Field(1e-5, gt=0)
     min_syn_lr: float = Field(1e-3, gt=0)
@@ -232,6 +241,13 @@ class Config(_Section):
                 f"dynamic.expert_epochs = {self.dynamic.max_start_epoch + self.dynamic.expert_epochs}; "
                 "raise experts.epochs or set it to 0 (auto)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _syn_lr_starts_at_the_experts_lr(self) -> "Config":
+        """One value, not two to keep in sync: MTT's synthetic lr starts where the experts trained."""
+        if self.dynamic.lr_teacher is None:
+            self.dynamic.lr_teacher = self.experts.lr
         return self
 
     @model_validator(mode="after")
@@ -342,13 +358,36 @@ def _read_preset(path: Path) -> dict:
     return _deep_merge(_read_preset(path.parent / base), data) if base else data
 
 
+def _absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///relative.db` and plain or `file:` paths made absolute; server URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + absolute_uri(uri.removeprefix("sqlite:///"))
+    return absolute_uri(uri)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Every local path in `cfg` made absolute against the current directory (s3:// and servers unchanged).
+
+    Runs once on the driver, before anything reaches Ray: workers run in other directories.
+    """
+    cfg.run.root = absolute_uri(cfg.run.root)
+    cfg.cache.uri = absolute_uri(cfg.cache.uri)
+    cfg.data.root = absolute_uri(cfg.data.root)
+    cfg.data.annotations = absolute_uri(cfg.data.annotations)
+    cfg.tracking.uri = _absolute_tracking_uri(cfg.tracking.uri)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset YAML (or the built-in defaults) + overrides -> validated Config, or ConfigError."""
+    """Preset YAML (or the built-in defaults) + overrides -> validated Config with absolute local paths.
+
+    Raises ConfigError naming the key and what it accepts.
+    """
     data = _read_preset(Path(path)) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _merge(data, key, value)
     try:
-        return Config.model_validate(data)
+        return with_absolute_paths(Config.model_validate(data))
     except ValidationError as exc:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None

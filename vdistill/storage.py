@@ -190,3 +190,19 @@ def _torch_dtype(name: str):
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path or `file:` URI made absolute against this process's working directory; other URIs unchanged.
+
+    Ray workers do not run in the driver's working directory (and on a cluster not on its machine), so a
+    relative path handed to them resolves somewhere else: the driver makes every local path absolute once.
+    """
+    if not uri:
+        return uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return "file://" + os.path.abspath(os.path.expanduser(parsed.path))
+    if parsed.scheme == "":
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri

@@ -35,10 +35,13 @@ def point_at_demo_data(cfg: Config) -> Config:
 
 
 def make_demo_dataset(p: Pipeline) -> dict[str, Any]:
-    from vdistill.data.synthetic import write_demo_dataset
-
-    csv_uri = write_demo_dataset(p.storage, demo_data_uri(p.cfg), p.cfg.demo)
-    return {"annotations": csv_uri, "classes": p.cfg.demo.classes}
+    """The procedural shapes or the real-footage set (`demo.kind`), as mp4 files + a generic_csv annotation."""
+    if p.cfg.demo.kind == "footage":
+        from vdistill.data.footage import write_footage_dataset as write
+    else:
+        from vdistill.data.synthetic import write_demo_dataset as write
+    csv_uri = write(p.storage, demo_data_uri(p.cfg), p.cfg.demo)
+    return {"annotations": csv_uri, "classes": p.cfg.demo.num_classes, "kind": p.cfg.demo.kind}
 
 
 # ---- ingest and experts --------------------------------------------------------------------------------
@@ -169,6 +172,9 @@ def _log_evaluations(p: Pipeline, name: str, pending: list) -> dict[str, Any]:
     for iteration, job in pending:
         result = job.result()
         summary = result["models"][p.cfg.evaluate.models[0]]
+        if summary["failed"]:
+            p.log(f"[{name}] evaluation at iteration {iteration}: {summary['failed']} network(s) diverged")
+            continue
         p.tracker.log_metrics({f"{name}/eval_top1": summary["top1_mean"], f"{name}/eval_top5": summary["top5_mean"]},
                               step=iteration)
         if summary["top1_mean"] > best.get("top1_mean", -1):
@@ -295,6 +301,8 @@ def evaluate(p: Pipeline) -> dict[str, Any]:
         result = job.result()
         rows.append({"method": label, "vpc": vpc if vpc else "all", **result})
         for model, s in result["models"].items():
+            if s["failed"]:
+                continue
             key = label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
             p.tracker.log_metrics({f"eval/{key}/{model}/top1_mean": s["top1_mean"],
                                    f"eval/{key}/{model}/top1_std": s["top1_std"],

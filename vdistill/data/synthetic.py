@@ -8,6 +8,8 @@ tell the paired classes apart: a model has to use time. Everything is drawn from
 from __future__ import annotations
 
 import io
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,21 +137,28 @@ def encode_mp4(video: np.ndarray, fps: int, crf: int = 18) -> bytes:
     return buf.getvalue()
 
 
-def write_demo_dataset(storage: Any, root_uri: str, demo_cfg: Any) -> str:
-    """Write `<root>/videos/<class>/<split>_<i>.mp4` + `<root>/demo.csv` (path,label,split); returns the CSV URI."""
-    classes = demo_classes(demo_cfg.classes)
-    rng = np.random.default_rng(demo_cfg.seed)
-    lines = ["path,label,split"]
-    for split, count in (("train", demo_cfg.train_per_class), ("test", demo_cfg.test_per_class)):
-        for cls in classes:
-            for i in range(count):
-                video = render_video(cls, demo_cfg.frames, demo_cfg.size, rng)
-                rel = f"videos/{cls.name}/{split}_{i:04d}.mp4"
-                storage.write_bytes(join(root_uri, rel), encode_mp4(video, demo_cfg.fps))
-                lines.append(f"{rel},{cls.name},{split}")
+def write_clip_dataset(storage: Any, root_uri: str, clips: Iterable[tuple[str, str, np.ndarray]], fps: int) -> str:
+    """Write each `(label, split, uint8 video (T, H, W, 3))` as `<root>/videos/<label>/<split>_<i>.mp4`, plus
+    `<root>/demo.csv` (path,label,split) listing them in order; returns the CSV URI."""
+    lines, counts = ["path,label,split"], Counter()
+    for label, split, video in clips:
+        rel = f"videos/{label}/{split}_{counts[label, split]:04d}.mp4"
+        counts[label, split] += 1
+        storage.write_bytes(join(root_uri, rel), encode_mp4(video, fps))
+        lines.append(f"{rel},{label},{split}")
     csv_uri = join(root_uri, "demo.csv")
     storage.write_text(csv_uri, "\n".join(lines) + "\n")
     return csv_uri
+
+
+def write_demo_dataset(storage: Any, root_uri: str, demo_cfg: Any) -> str:
+    """The procedural set as mp4 files + `demo.csv` under `root_uri`; returns the CSV URI."""
+    classes = demo_classes(demo_cfg.num_classes)
+    rng = np.random.default_rng(demo_cfg.seed)
+    clips = ((cls.name, split, render_video(cls, demo_cfg.frames, demo_cfg.size, rng))
+             for split, count in (("train", demo_cfg.train_per_class), ("test", demo_cfg.test_per_class))
+             for cls in classes for _ in range(count))
+    return write_clip_dataset(storage, root_uri, clips, demo_cfg.fps)
 
 
 # ---- exact-sampling fixture: the frame number is written into the pixels -------------------------
