@@ -47,8 +47,8 @@ class DataConfig(_Section):
     split_id: int = Field(1, ge=1, le=3, description="official split number (UCF101, HMDB51)")
     hmdb_unused_as_train: bool = Field(True, description="HMDB51: count split-file id 0 (unused) as train, like the paper")
     k400_replacement: str = Field("replacement", description="K400 folder (under root) searched when a clip is missing")
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
+    test_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
 
 
 class DemoConfig(_Section):

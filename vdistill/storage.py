@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -185,6 +186,25 @@ def _torch_dtype(name: str):
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
     return names[name]
+
+
+_PATH_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PATH_COMPONENT_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def is_path_component(value: str) -> bool:
+    """True when `value` can be one folder name as is: no separator, no `..`, nothing hidden."""
+    return bool(_PATH_COMPONENT.match(value))
+
+
+def path_component(value: str, what: str) -> str:
+    """`value` unchanged when safe as one folder name, else ValueError: data values never escape a folder.
+
+    Every value from user data that becomes part of a storage path (split names, ...) goes through here.
+    """
+    if not is_path_component(value):
+        raise ValueError(f"{what} {value!r} cannot be a folder name; allowed: {PATH_COMPONENT_RULE}")
+    return value
 
 
 def join(uri: str, *parts: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
-from vdistill.storage import join
+from vdistill.storage import join, path_component
 
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,7 +46,7 @@ def clip_key(uri: str, start_s: float | None, end_s: float | None) -> str:
 
 
 def partition_uri(cache_uri: str, split: str, label: int) -> str:
-    return join(cache_uri, CLIPS, f"split={split}", f"label={label:04d}")
+    return join(cache_uri, CLIPS, f"split={path_component(split, 'split')}", f"label={int(label):04d}")
 
 
 def input_hash(manifest: Manifest, spec: DecodeSpec) -> str:
