@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vdistill.redact import redact
+
 
 class ConfigError(ValueError):
     """A config problem, phrased for the user: the dotted key and what it accepts."""
@@ -278,10 +280,8 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved config without credentials, for files next to outputs and for MLflow params."""
-        data = self.model_dump(mode="json")
-        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("access_key", "secret_key")}
-        return data
+        """The resolved config without credentials (keys and URL userinfo), for files next to outputs and MLflow."""
+        return redact(self.model_dump(mode="json"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -13,14 +13,19 @@ import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from vdistill.redact import redact_text
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Storage:
-    """Picklable handle: Ray workers rebuild the filesystem from these fields."""
+    """Picklable handle: Ray workers rebuild the filesystem from these fields.
+
+    Keys may also come as `endpoint_url=http://KEY:SECRET@host`; they are used to connect, never shown.
+    """
 
     endpoint_url: str = ""
     region: str = ""
@@ -39,6 +44,9 @@ class Storage:
             secret_key=get("secret_key") or env.get("AWS_SECRET_ACCESS_KEY", ""),
         )
 
+    def __repr__(self) -> str:  # error messages and logs show where, never the keys
+        return f"Storage(endpoint_url={redact_text(self.endpoint_url)!r}, region={self.region!r})"
+
     # ---- resolution -------------------------------------------------------------------------
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """URI -> (filesystem, path inside it)."""
@@ -54,11 +62,14 @@ class Storage:
         # Delayed open: objects under one part (5 MB) go up as a single PutObject instead of a multipart
         # upload (fewer requests; moto's server answers CompleteMultipartUpload in a form pyarrow 25 rejects).
         kwargs: dict[str, Any] = {"region": self.region or "us-east-1", "allow_delayed_open": True}
+        access_key, secret_key = self.access_key, self.secret_key
         if self.endpoint_url:
             ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
-            kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
-        if self.access_key:
-            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+            kwargs.update(endpoint_override=ep.netloc.rsplit("@", 1)[-1], scheme=ep.scheme)
+            if not access_key and ep.username:
+                access_key, secret_key = unquote(ep.username), unquote(ep.password or "")
+        if access_key:
+            kwargs.update(access_key=access_key, secret_key=secret_key)
         return pafs.S3FileSystem(**kwargs)
 
     # ---- reading ----------------------------------------------------------------------------
