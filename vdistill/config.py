@@ -289,7 +289,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. decode.frames=16")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return str(getattr(exc, "problem", None) or exc).strip()
+
+
+def _load_yaml_file(path: Path) -> Any:
+    """Parsed YAML, or ConfigError `file:line:column: YAML syntax error: what` (no parser traceback)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(exc)}") from None
 
 
 def _merge(base: dict, path: list[str], value: Any) -> None:
@@ -335,7 +352,7 @@ def _read_preset(path: Path) -> dict:
     """YAML preset; a top-level `base: other.yaml` (relative to this file) is loaded first and overlaid."""
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (e.g. configs/demo.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
