@@ -261,3 +261,13 @@ def test_a_header_naming_the_first_columns_keeps_the_window_columns_in_place(tmp
     data, storage = _generic(tmp_path, "path,label,split\na.mp4,cat,train,1,2\n")
     row = build_manifest(data, storage).rows[0]
     assert (row.start_s, row.end_s) == (1.0, 2.0)
+
+
+def test_annotation_errors_survive_pickling_with_their_rows(tmp_path):
+    import pickle
+
+    data, storage = _generic(tmp_path, "a.mp4\n")
+    with pytest.raises(AnnotationError) as info:
+        build_manifest(data, storage)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.problems == info.value.problems

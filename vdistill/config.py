@@ -13,10 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vdistill.errors import UserError
 from vdistill.redact import redact
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user: the dotted key and what it accepts."""
 
 

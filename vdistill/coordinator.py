@@ -9,6 +9,7 @@ and the code version, so a second submission of the same run attaches to it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vdistill.config import Config
+from vdistill.errors import UserError
 from vdistill.storage import Storage, join
 
 STAGE_ORDER = ("dataset", "ingest", "experts", "static", "distill", "evaluate", "export")
@@ -175,8 +177,18 @@ def _coordinator_class():
     return Coordinator
 
 
+def run_identity(cfg: Config) -> str:
+    """Hash of everything that defines a run: the whole resolved config (without credentials) and the code.
+
+    Two submissions with the same identity are the same run (they share a coordinator and a run lease);
+    any other setting or code means another coordinator, so a fixed re-submission never meets an old one.
+    """
+    payload = json.dumps({"config": cfg.public_dict(), "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def actor_name(cfg: Config) -> str:
-    return f"vdistill:{cfg.run.name}:{cfg.section_hash('run')}:{code_version()}"
+    return f"vdistill:{cfg.run.name}:{run_identity(cfg)}"
 
 
 def connect_ray(cfg: Config) -> None:
@@ -212,17 +224,25 @@ def run_pipeline(cfg: Config, *, until: str = "export", demo: bool = False, atte
     if demo:
         point_at_demo_data(cfg)
     storage = Storage.from_config(cfg.storage)
-    for attempt in range(1, attempts + 1):
-        coordinator = get_coordinator(cfg, storage)
-        try:
-            outputs = ray.get(coordinator.run.remote(until, demo))
-            break
-        except ray.exceptions.RayActorError as exc:
-            if attempt == attempts:
+    coordinator = None
+    try:
+        for attempt in range(1, attempts + 1):
+            coordinator = get_coordinator(cfg, storage)
+            try:
+                outputs = ray.get(coordinator.run.remote(until, demo))
+                break
+            except ray.exceptions.RayActorError as exc:
+                if attempt == attempts:
+                    raise
+                print(f"coordinator lost ({exc.__class__.__name__}); resuming from the last checkpoint "
+                      f"(attempt {attempt + 1}/{attempts})", flush=True)
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, UserError):  # the user's message, without the Ray traceback
+                    raise exc.cause from None
                 raise
-            print(f"coordinator lost ({exc.__class__.__name__}); resuming from the last checkpoint "
-                  f"(attempt {attempt + 1}/{attempts})", flush=True)
-    ray.kill(coordinator, no_restart=True)
+    finally:  # a failed run's coordinator must not serve the next submission with its old state
+        if coordinator is not None:
+            ray.kill(coordinator, no_restart=True)
     from vdistill.tracking import Tracker
     from vdistill.workflow import closing_lines
 

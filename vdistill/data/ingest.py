@@ -26,6 +26,7 @@ import numpy as np
 
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
+from vdistill.errors import UserError
 from vdistill.storage import join, path_component
 
 LAYOUT_VERSION = 1
@@ -34,8 +35,9 @@ QUARANTINE = "quarantine.jsonl"
 CLIPS = "clips"
 
 
-class IngestError(RuntimeError):
-    """The ingest ran but the result is not trustworthy (e.g. too many videos quarantined)."""
+class IngestError(UserError, RuntimeError):
+    """The ingest ran but the result is not trustworthy (e.g. too many videos quarantined); the cache stays
+    resumable (no manifest, quarantine.jsonl written), so the same command after a fix continues."""
 
 
 def clip_key(uri: str, start_s: float | None, end_s: float | None) -> str:

@@ -250,7 +250,10 @@ class AnnotationError(UserError, ValueError):
         more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
         super().__init__(f"{len(problems)} problem(s) in annotation file {uri}; nothing was ingested:\n  "
                          + "\n  ".join(shown + more))
-        self.problems = problems
+        self.uri, self.problems = uri, problems
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its own arguments
+        return AnnotationError, (self.uri, self.problems)
 
 
 def _is_absolute(path: str) -> bool:
