@@ -83,3 +83,65 @@ def test_the_coordinator_name_covers_every_setting_and_the_code():
     assert actor_name(base) != actor_name(load_config(None, ["cache.max_quarantine_fraction=0.5"]))
     assert actor_name(base) != actor_name(load_config(None, ["data.annotations=/fixed.csv"]))
 
+
+
+# ---- each stage's identity is exactly what it reads ---------------------------------------------------------
+def _hashes(*overrides: str) -> dict[str, str]:
+    from vdistill.coordinator import Pipeline
+
+    return Pipeline(load_config(None, ["tracking.enabled=false", *overrides]), Storage()).input_hashes()
+
+
+def _changed(overrides: tuple[str, ...], change: str) -> set[str]:
+    before, after = _hashes(*overrides), _hashes(*overrides, change)
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+def test_evaluate_settings_leave_dynamic_stages_that_do_not_evaluate_alone():
+    assert _changed(("dynamic.eval_every=0",), "evaluate.epochs=7") == {"evaluate", "export"}
+
+
+def test_evaluate_settings_change_dynamic_stages_that_evaluate_while_distilling():
+    changed = _changed(("dynamic.eval_every=10", "baselines.s2d_overrides={dm: {eval_every: 0}}"), "evaluate.epochs=7")
+    assert {"dynamic-mtt", "evaluate"} <= changed and "dynamic-dm" not in changed
+
+
+def test_dynamic_learning_rates_leave_the_static_stage_and_the_experts_alone():
+    assert _changed((), "dynamic.lr_dynamic=5") == {"dynamic-mtt", "pixels-dm", "pixels-mtt", "evaluate", "export"}
+
+
+def test_the_slot_layout_changes_the_static_stage():
+    assert "static" in _changed((), "dynamic.statics_per_slot=3")
+
+
+def test_mtt_settings_change_a_static_mtt_stage_only():
+    assert "static" not in _changed((), "dynamic.syn_steps=3")
+    assert "static" in _changed(("static.method=mtt",), "dynamic.syn_steps=3")
+
+
+def test_a_finished_shared_cache_is_not_reingested_with_other_decode_settings(failed_then_fixed, preset):
+    from vdistill.coordinator import Pipeline, RunConflict
+
+    storage = Storage()
+    cache = load_config(preset, ["cache.max_quarantine_fraction=0.5"]).cache_uri
+    cfg = load_config(preset, ["run.name=other", f"cache.uri={cache}", "cache.max_quarantine_fraction=0.5",
+                               "decode.interpolation=area"])
+    before = {uri: storage.read_bytes(uri) for uri in storage.list_files(cache)}
+    with pytest.raises(RunConflict, match=rf"cache {cache} holds a finished ingest of other input "
+                                          r"\(decode.interpolation: bilinear -> area\) and may serve other runs"):
+        Pipeline(cfg, storage).run("ingest")
+    assert {uri: storage.read_bytes(uri) for uri in storage.list_files(cache)} == before
+    assert not storage.exists(cfg.run_uri + "/config.json")
+
+
+def test_bad_annotation_rows_are_refused_before_the_run_writes_anything(tmp_path):
+    from vdistill.coordinator import Pipeline
+    from vdistill.data.manifests import AnnotationError
+
+    storage = Storage()
+    storage.write_text(str(tmp_path / "ann.csv"), "a.mp4,cat,train,abc\n")
+    cfg = load_config(None, [f"run.root={tmp_path}/runs", f"data.annotations={tmp_path}/ann.csv",
+                             f"data.root={tmp_path}", "tracking.enabled=false"])
+    with pytest.raises(AnnotationError, match=r"ann.csv:1: column 4 \(start\)"):
+        Pipeline(cfg, storage).run("ingest")
+    assert storage.list_files(f"{tmp_path}/runs") == []

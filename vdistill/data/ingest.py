@@ -27,6 +27,7 @@ import numpy as np
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
 from vdistill.errors import UserError
+from vdistill.lease import Lease, Owner
 from vdistill.storage import join, path_component
 
 LAYOUT_VERSION = 1
@@ -133,15 +134,13 @@ def _dataset(manifest: Manifest, videos_per_task: int):
     return ray.data.from_items(items, override_num_blocks=blocks)
 
 
-def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
+def run_ingest(cfg: Any, storage: Any, progress: bool = True, owner: Owner | None = None) -> dict:
     """Annotation rows -> Ray Data (PyAV decode UDF) -> Parquet clip cache; returns the manifest/summary.
 
-    A no-op (nothing written) when the cache's manifest already has this input hash.
+    A no-op (nothing written) when the cache's manifest already has this input hash. Writing holds the
+    cache's lease (LeaseHeld while another live ingest writes the same cache.uri).
     Raises IngestError, after writing quarantine.jsonl, when too many videos were quarantined.
     """
-    import ray
-    from tqdm.auto import tqdm
-
     manifest = build_manifest(cfg.data, storage)
     spec = DecodeSpec.from_config(cfg.decode, seed=cfg.run.seed)
     digest = input_hash(manifest, spec)
@@ -149,6 +148,18 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
     previous = storage.read_json_or(join(cache_uri, MANIFEST))
     if previous and previous.get("input_hash") == digest:
         return {**previous, "skipped": True}
+    with Lease(storage, cache_uri, "cache", digest, owner or Owner()):
+        previous = storage.read_json_or(join(cache_uri, MANIFEST))  # written by the lease's last holder?
+        if previous and previous.get("input_hash") == digest:
+            return {**previous, "skipped": True}
+        return _write_cache(cfg, storage, manifest, spec, digest, progress)
+
+
+def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, digest: str, progress: bool) -> dict:
+    import ray
+    from tqdm.auto import tqdm
+
+    cache_uri = cfg.cache_uri
     if not ray.is_initialized():
         ray.init()
     _clear(storage, cache_uri)
