@@ -206,3 +206,19 @@ def test_split_escaping_the_cache_is_refused_and_nothing_is_written(tmp_path):
 def test_partition_folder_refuses_a_split_that_is_not_one_folder_name():
     with pytest.raises(ValueError, match="cannot be a folder name"):
         partition_uri("/cache", "../escaped", 0)
+
+
+def test_videos_shorter_than_a_clip_are_listed_and_counted(tmp_path, ray_session):
+    storage = Storage()
+    root = str(tmp_path / "data")
+    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
+                                                           frames=8))
+    write_index_video(storage, join(root, "five.mp4"), 5)
+    storage.write_text(csv_uri, storage.read_text(csv_uri) + "five.mp4,c0,train\n")
+    cfg = _cfg(root, csv_uri, str(tmp_path / "cache"))
+    summary = run_ingest(cfg, storage, progress=False)
+    assert summary["short_videos"] == {"count": 1, "filled_by": "loop", "list": "short_videos.jsonl"}
+    listed = [json.loads(x) for x in storage.read_text(join(cfg.cache_uri, "short_videos.jsonl")).splitlines()]
+    assert listed == [{"uri": join(root, "five.mp4"), "decoded": 5, "frames": 8, "filled_by": "loop"}]
+    assert "short videos (fewer than 8 frames, filled by loop): 1, listed in short_videos.jsonl" in format_summary(
+        summary)

@@ -33,6 +33,7 @@ from vdistill.storage import join, path_component
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
+SHORT_VIDEOS = "short_videos.jsonl"  # clips filled up to decode.frames (loop/pad), one line per clip
 CLIPS = "clips"
 
 
@@ -120,7 +121,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage: Any, spec: DecodeSpec
 
 def _clear(storage: Any, cache_uri: str) -> None:
     """Invalidate first (manifest), then remove what a previous or interrupted run left."""
-    for name in (MANIFEST, QUARANTINE, CLIPS):
+    for name in (MANIFEST, QUARANTINE, SHORT_VIDEOS, CLIPS):
         storage.delete(join(cache_uri, name))
 
 
@@ -167,6 +168,7 @@ def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, d
     started = time.perf_counter()
     counts: dict[str, Counter] = defaultdict(Counter)
     quarantine = list(manifest.missing)
+    short: list[dict] = []
     decoded_frames = bytes_written = clips = approx = 0
     if manifest.rows:
         ds = _dataset(manifest, cfg.cache.videos_per_task).map_batches(
@@ -180,6 +182,9 @@ def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, d
                         counts[str(split)][str(int(label))] += 1
                         clips += 1
                         approx += bool(detail)
+                        if n < spec.frames:  # kept, but its frames repeat (decode.short_video)
+                            short.append({"uri": str(uri), "decoded": int(n), "frames": spec.frames,
+                                          "filled_by": spec.short_video})
                     else:
                         quarantine.append({"uri": str(uri), "reason": str(status), "detail": str(detail)})
                     decoded_frames += int(n)
@@ -187,6 +192,8 @@ def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, d
                 bar.update(len(stats["status"]))
     elapsed = time.perf_counter() - started
 
+    short.sort(key=lambda q: q["uri"])
+    storage.write_text(join(cache_uri, SHORT_VIDEOS), "".join(json.dumps(q, sort_keys=True) + "\n" for q in short))
     quarantine.sort(key=lambda q: (q["reason"], q["uri"]))
     storage.write_text(join(cache_uri, QUARANTINE), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
     by_reason = dict(sorted(Counter(q["reason"] for q in quarantine).items()))
@@ -206,6 +213,7 @@ def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, d
         "counts": {s: {str(c): counts[s][str(c)] for c in range(len(manifest.classes))} for s in splits},
         "num_clips": clips, "bytes_written": bytes_written, "quarantine": by_reason,
         "quarantined": len(quarantine), "excluded": manifest.excluded, "approximate_sampling": approx,
+        "short_videos": {"count": len(short), "filled_by": spec.short_video, "list": SHORT_VIDEOS},
         "throughput": {"elapsed_s": round(elapsed, 3), "decoded_frames": decoded_frames,
                        "clips_per_s": round(clips / elapsed, 2) if elapsed else 0.0,
                        "frames_per_s": round(decoded_frames / elapsed, 1) if elapsed else 0.0},
@@ -228,6 +236,10 @@ def format_summary(summary: dict) -> str:
     quarantine = summary["quarantine"]
     lines.append(f"  quarantined {summary['quarantined']}" + (
         ": " + ", ".join(f"{k}={v}" for k, v in quarantine.items()) if quarantine else ""))
+    if summary.get("short_videos", {}).get("count"):
+        sv = summary["short_videos"]
+        lines.append(f"  short videos (fewer than {summary['frames']} frames, filled by {sv['filled_by']}): "
+                     f"{sv['count']}, listed in {sv['list']}")
     if summary.get("excluded"):
         lines.append("  excluded on purpose: " + ", ".join(f"{k}={v}" for k, v in summary["excluded"].items()))
     t = summary["throughput"]
