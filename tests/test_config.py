@@ -74,3 +74,24 @@ def test_public_config_never_contains_credentials():
 def test_cli_takes_overrides_after_options_too(capsys):
     assert main(["evaluate", str(PRESETS / "demo.yaml"), "--full", "decode.frames=0"]) == 2
     assert "decode.frames" in capsys.readouterr().err
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("decode:\n  frames: 8\n  size: [32\nrun:\n  name: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:\d+: YAML syntax error: "):
+        load_config(preset)
+
+
+def test_cli_prints_a_yaml_syntax_error_as_one_line_and_exits_2(tmp_path, capsys):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("run:\n\tname: x\n")
+    assert main(["ingest", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vdistill: {preset}:2:1: YAML syntax error") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_override_that_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'baselines.coresets=\[random': the value is not valid YAML"):
+        load_config(None, ["baselines.coresets=[random"])

@@ -16,7 +16,8 @@ import torch
 from vdistill.config import DemoConfig, load_config
 from vdistill.data.clips import ClassSampler, load_split, read_manifest, stream_split
 from vdistill.data.decode import DecodeSpec, decode_uri
-from vdistill.data.ingest import IngestError, format_summary, run_ingest
+from vdistill.data.ingest import IngestError, format_summary, partition_uri, run_ingest
+from vdistill.data.manifests import AnnotationError
 from vdistill.data.synthetic import read_frame_index, write_demo_dataset, write_index_video
 from vdistill.storage import Storage, join
 
@@ -34,11 +35,12 @@ def bucket(s3_server):
     root = f"s3://{name}/data"
     csv_uri = write_demo_dataset(storage, root, DEMO)
     write_index_video(storage, join(root, "index/a.mp4"), 40)
+    write_index_video(storage, join(root, "index/b.mp4"), 40)  # the test split's window: never a train file
     write_index_video(storage, join(root, "index/short.mp4"), 2)
     storage.write_bytes(join(root, "broken/corrupt.mp4"), os.urandom(2048))
     storage.write_bytes(join(root, "broken/empty.mp4"), b"")
     storage.write_bytes(join(root, "broken/notes.mp4"), b"these are not the frames you are looking for\n" * 20)
-    extra = ["index/a.mp4,zz_index,train", "index/a.mp4,zz_index,test,0.4,1.2", "index/short.mp4,zz_index,train",
+    extra = ["index/a.mp4,zz_index,train", "index/b.mp4,zz_index,test,0.4,1.2", "index/short.mp4,zz_index,train",
              "broken/corrupt.mp4,zz_index,train", "broken/empty.mp4,zz_index,train",
              "broken/notes.mp4,zz_index,train", "broken/gone.mp4,zz_index,train"]
     storage.write_text(csv_uri, storage.read_text(csv_uri) + "\n".join(extra) + "\n")
@@ -186,3 +188,37 @@ def test_too_many_quarantined_fails_after_writing_quarantine(bucket, ray_session
     with pytest.raises(IngestError, match="quarantine"):
         run_ingest(_cfg(root, csv_uri, cache, **{"cache.max_quarantine_fraction": 0.05}), storage, progress=False)
     assert storage.is_file(join(cache, "quarantine.jsonl")) and not storage.is_file(join(cache, "manifest.json"))
+
+
+def test_split_escaping_the_cache_is_refused_and_nothing_is_written(tmp_path):
+    storage = Storage()
+    root = str(tmp_path / "data")
+    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
+                                                           frames=4))
+    write_index_video(storage, join(root, "extra.mp4"), 8)
+    storage.write_text(csv_uri, storage.read_text(csv_uri) + "extra.mp4,c0,x/../../../escaped_split\n")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(AnnotationError, match=r"demo.csv:\d+: column 3 \(split\): 'x/../../../escaped_split'"):
+        run_ingest(_cfg(root, csv_uri, str(tmp_path / "a" / "b" / "c" / "cache")), storage, progress=False)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_partition_folder_refuses_a_split_that_is_not_one_folder_name():
+    with pytest.raises(ValueError, match="cannot be a folder name"):
+        partition_uri("/cache", "../escaped", 0)
+
+
+def test_videos_shorter_than_a_clip_are_listed_and_counted(tmp_path, ray_session):
+    storage = Storage()
+    root = str(tmp_path / "data")
+    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
+                                                           frames=8))
+    write_index_video(storage, join(root, "five.mp4"), 5)
+    storage.write_text(csv_uri, storage.read_text(csv_uri) + "five.mp4,c0,train\n")
+    cfg = _cfg(root, csv_uri, str(tmp_path / "cache"))
+    summary = run_ingest(cfg, storage, progress=False)
+    assert summary["short_videos"] == {"count": 1, "filled_by": "loop", "list": "short_videos.jsonl"}
+    listed = [json.loads(x) for x in storage.read_text(join(cfg.cache_uri, "short_videos.jsonl")).splitlines()]
+    assert listed == [{"uri": join(root, "five.mp4"), "decoded": 5, "frames": 8, "filled_by": "loop"}]
+    assert "short videos (fewer than 8 frames, filled by loop): 1, listed in short_videos.jsonl" in format_summary(
+        summary)

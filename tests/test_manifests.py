@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vdistill.config import DataConfig
-from vdistill.data.manifests import MINIUCF_CLASSES, build_manifest
+from vdistill.data.manifests import MINIUCF_CLASSES, AnnotationError, build_manifest
 from vdistill.storage import Storage, join
 
 
@@ -168,3 +168,106 @@ def test_generic_csv_duplicate_rows_are_counted_once(tmp_path):
     storage.write_text(csv_uri, "a.mp4,x\na.mp4,x\n")
     m = build_manifest(DataConfig(dataset="generic_csv", root=root, annotations=csv_uri), storage)
     assert len(m.rows) == 1 and m.excluded == {"duplicate": 1}
+
+
+# ---- generic CSV: every bad row named by file:line and column, before anything is written ------------------
+def _generic(tmp_path, text: str):
+    storage = Storage()
+    root = str(tmp_path / "videos")
+    _touch(storage, root, "a.mp4", "b.mp4", "c.mp4")
+    csv_uri = str(tmp_path / "ann.csv")
+    storage.write_text(csv_uri, text)
+    return DataConfig(dataset="generic_csv", root=root, annotations=csv_uri), storage
+
+
+def _problems(tmp_path, text: str) -> str:
+    data, storage = _generic(tmp_path, text)
+    with pytest.raises(AnnotationError) as info:
+        build_manifest(data, storage)
+    return str(info.value)
+
+
+def test_split_that_would_escape_the_cache_is_rejected_with_file_line(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat,train\nb.mp4,cat,x/../../escaped_split\n")
+    assert "ann.csv:2: column 3 (split): 'x/../../escaped_split' is not allowed" in text
+    assert "letters, digits" in text
+
+
+def test_csv_without_label_column_names_the_row_and_the_format(tmp_path):
+    text = _problems(tmp_path, "a.mp4\nb.mp4\n")
+    assert "ann.csv:1: column 2 (label) is missing; rows are path,label[,split,start,end]" in text
+    assert "ann.csv:2:" in text
+
+
+def test_semicolon_delimited_csv_is_reported_as_a_wrong_delimiter(tmp_path):
+    text = _problems(tmp_path, "a.mp4;cat;train\n")
+    assert "ann.csv:1: column 2 (label) is missing" in text and "wrong delimiter ';'" in text
+
+
+def test_non_finite_start_is_rejected(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat,train,inf,\n")
+    assert "ann.csv:1: column 4 (start): 'inf' is not a time in seconds; allowed: empty" in text
+
+
+def test_non_numeric_start_is_rejected(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat,train,0,2\nb.mp4,cat,train,abc,\n")
+    assert "ann.csv:2: column 4 (start): 'abc' is not a time in seconds" in text
+
+
+def test_end_before_start_is_rejected(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat,train,3,1\n")
+    assert "ann.csv:1: column 5 (end): 1.0 is not after start 3.0" in text
+
+
+def test_header_row_is_read_as_a_header_not_as_a_class(tmp_path):
+    data, storage = _generic(tmp_path, "filename,label,split\na.mp4,cat,train\nb.mp4,dog,test\n")
+    m = build_manifest(data, storage)
+    assert m.classes == ["cat", "dog"]
+    assert [(r.uri.rsplit("/", 1)[1], r.split) for r in m.rows] == [("b.mp4", "test"), ("a.mp4", "train")]
+
+
+def test_header_columns_may_come_in_any_order(tmp_path):
+    data, storage = _generic(tmp_path, "split,class,path\ntest,dog,b.mp4\n")
+    m = build_manifest(data, storage)
+    assert (m.classes, m.rows[0].split, m.rows[0].uri.rsplit("/", 1)[1]) == (["dog"], "test", "b.mp4")
+
+
+def test_header_without_a_label_column_is_rejected(tmp_path):
+    text = _problems(tmp_path, "path,split\na.mp4,train\n")
+    assert "ann.csv:1: header has no label column" in text
+
+
+def test_empty_label_is_rejected(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat\nb.mp4, \n")
+    assert "ann.csv:2: column 2 (label) is empty" in text
+
+
+def test_file_in_both_train_and_test_is_a_leak(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat,train\nb.mp4,cat,train\na.mp4,cat,test\n")
+    assert "ann.csv:3: column 3 (split): the file of line 1 is listed in 'train' and 'test' (a train/test leak)" in text
+
+
+def test_file_under_two_labels_is_rejected(tmp_path):
+    text = _problems(tmp_path, "a.mp4,cat\na.mp4,dog\n")
+    assert "ann.csv:2: column 2 (label): the file of line 1 is listed as 'cat' and 'dog'" in text
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    text = _problems(tmp_path, "a.mp4,,train\nb.mp4,cat,train,abc\nc.mp4\n")
+    assert "3 problem(s)" in text and all(f"ann.csv:{n}:" in text for n in (1, 2, 3))
+
+
+def test_a_header_naming_the_first_columns_keeps_the_window_columns_in_place(tmp_path):
+    data, storage = _generic(tmp_path, "path,label,split\na.mp4,cat,train,1,2\n")
+    row = build_manifest(data, storage).rows[0]
+    assert (row.start_s, row.end_s) == (1.0, 2.0)
+
+
+def test_annotation_errors_survive_pickling_with_their_rows(tmp_path):
+    import pickle
+
+    data, storage = _generic(tmp_path, "a.mp4\n")
+    with pytest.raises(AnnotationError) as info:
+        build_manifest(data, storage)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.problems == info.value.problems

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from vdistill.config import load_config
-from vdistill.coordinator import get_coordinator, run_pipeline
+from vdistill.coordinator import RunConflict, get_coordinator, run_pipeline
 from vdistill.storage import Storage, join
 from vdistill.workflow import point_at_demo_data
 
@@ -81,3 +81,37 @@ def test_resubmitting_a_finished_run_is_a_no_op(interrupted_run):
     again = run_pipeline(cfg, demo=True)
     assert again == outputs
     assert {stage: manifest(storage, cfg, stage) for stage in stages} == manifests
+
+
+def _pipeline_run_status(cfg) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from vdistill.tracking import ROLE_TAG, resolve_tracking
+
+    client = MlflowClient(resolve_tracking(cfg)[0])
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'")
+    return run.info.status
+
+
+def _same_run_with(cfg, *overrides: str):
+    return point_at_demo_data(load_config(None, [*TINY, f"run.root={cfg.run.root}", "dynamic.iterations=300",
+                                                 *overrides]))
+
+
+def test_a_changed_expert_setting_is_refused_before_config_or_mlflow_change(interrupted_run):
+    cfg, storage, _, _ = interrupted_run
+    config_before = storage.read_bytes(join(cfg.run_uri, "config.json"))
+    with pytest.raises(RunConflict, match=r"the video experts finished with other settings \(experts.lr: 0.1 -> "
+                                          r"0.05\); finished experts are never retrained in place"):
+        run_pipeline(_same_run_with(cfg, "experts.lr=0.05"), demo=True)
+    assert storage.read_bytes(join(cfg.run_uri, "config.json")) == config_before
+    assert _pipeline_run_status(cfg) == "FINISHED"
+
+
+def test_a_changed_decode_setting_is_refused_before_the_cache_is_reingested(interrupted_run):
+    cfg, storage, _, _ = interrupted_run
+    cache_before = {uri: storage.read_bytes(uri) for uri in storage.list_files(cfg.cache_uri)}
+    with pytest.raises(RunConflict, match=r"decode.interpolation: bilinear -> area"):
+        run_pipeline(_same_run_with(cfg, "decode.interpolation=area"), demo=True)
+    assert {uri: storage.read_bytes(uri) for uri in storage.list_files(cfg.cache_uri)} == cache_before

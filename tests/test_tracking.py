@@ -209,3 +209,25 @@ def test_a_failing_stage_marks_its_run_and_the_pipeline_run_failed(tmp_path, mon
     client = MlflowClient(tracker.uri)
     assert client.get_run(run.run_id).info.status == "FAILED"
     assert client.get_run(parent_id).info.status == "FAILED"
+
+
+def test_credentials_never_reach_the_mlflow_config_artifact(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path, "storage.secret_key=TOPSECRETVALUE", "storage.endpoint_url=http://KEY:pa55word@127.0.0.1:9")
+    with Tracker(cfg) as tracker:
+        parent_id = tracker.parent_run_id
+    path = MlflowClient(tracker.uri).download_artifacts(parent_id, "config.json", str(tmp_path))
+    text = open(path).read()
+    assert "127.0.0.1:9" in text and "pa55word" not in text and "TOPSECRETVALUE" not in text
+
+
+def test_the_console_never_shows_tracking_credentials(mlflow_server, tmp_path, capsys):
+    uri, _ = mlflow_server
+    cfg = _cfg(tmp_path, f"tracking.uri={uri.replace('http://', 'http://user:pa55word@')}")
+    with Tracker(cfg) as tracker, tracker.stage("static"):
+        pass
+    hint = tracker.ui_hint()
+    out = capsys.readouterr()
+    assert "pa55word" not in out.out + out.err and "pa55word" not in hint and uri in hint

@@ -6,7 +6,8 @@ import os
 import sys
 from typing import Sequence
 
-from vdistill.config import Config, ConfigError, load_config
+from vdistill.config import Config, load_config
+from vdistill.errors import UserError
 
 EPILOG = """\
 Examples:
@@ -88,12 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command == "show":
-            return _show(args)
-        cfg = _config(args)
-    except ConfigError as exc:
+        return _run(args)
+    except UserError as exc:  # the user's to fix: the message, not a traceback
         print(f"vdistill: {exc}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "show":
+        return _show(args)
+    cfg = _config(args)
 
     from vdistill.coordinator import connect_ray, evaluate_once, run_pipeline
 

@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vdistill.errors import UserError
+from vdistill.redact import redact
 from vdistill.storage import absolute_uri
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user: the dotted key and what it accepts."""
 
 
@@ -49,8 +51,8 @@ class DataConfig(_Section):
     split_id: int = Field(1, ge=1, le=3, description="official split number (UCF101, HMDB51)")
     hmdb_unused_as_train: bool = Field(True, description="HMDB51: count split-file id 0 (unused) as train, like the paper")
     k400_replacement: str = Field("replacement", description="K400 folder (under root) searched when a clip is missing")
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
+    test_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
 
 
 class DemoConfig(_Section):
@@ -294,10 +296,8 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved config without credentials, for files next to outputs and for MLflow params."""
-        data = self.model_dump(mode="json")
-        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("access_key", "secret_key")}
-        return data
+        """The resolved config without credentials (keys and URL userinfo), for files next to outputs and MLflow."""
+        return redact(self.model_dump(mode="json"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -305,7 +305,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. decode.frames=16")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return str(getattr(exc, "problem", None) or exc).strip()
+
+
+def _load_yaml_file(path: Path) -> Any:
+    """Parsed YAML, or ConfigError `file:line:column: YAML syntax error: what` (no parser traceback)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(exc)}") from None
 
 
 def _merge(base: dict, path: list[str], value: Any) -> None:
@@ -351,7 +368,7 @@ def _read_preset(path: Path) -> dict:
     """YAML preset; a top-level `base: other.yaml` (relative to this file) is loaded first and overlaid."""
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (e.g. configs/demo.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)

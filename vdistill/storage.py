@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from vdistill.redact import redact_text
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Storage:
-    """Picklable handle: Ray workers rebuild the filesystem from these fields."""
+    """Picklable handle: Ray workers rebuild the filesystem from these fields.
+
+    Keys may also come as `endpoint_url=http://KEY:SECRET@host`; they are used to connect, never shown.
+    """
 
     endpoint_url: str = ""
     region: str = ""
@@ -38,6 +44,9 @@ class Storage:
             secret_key=get("secret_key") or env.get("AWS_SECRET_ACCESS_KEY", ""),
         )
 
+    def __repr__(self) -> str:  # error messages and logs show where, never the keys
+        return f"Storage(endpoint_url={redact_text(self.endpoint_url)!r}, region={self.region!r})"
+
     # ---- resolution -------------------------------------------------------------------------
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """URI -> (filesystem, path inside it)."""
@@ -53,11 +62,14 @@ class Storage:
         # Delayed open: objects under one part (5 MB) go up as a single PutObject instead of a multipart
         # upload (fewer requests; moto's server answers CompleteMultipartUpload in a form pyarrow 25 rejects).
         kwargs: dict[str, Any] = {"region": self.region or "us-east-1", "allow_delayed_open": True}
+        access_key, secret_key = self.access_key, self.secret_key
         if self.endpoint_url:
             ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
-            kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
-        if self.access_key:
-            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+            kwargs.update(endpoint_override=ep.netloc.rsplit("@", 1)[-1], scheme=ep.scheme)
+            if not access_key and ep.username:
+                access_key, secret_key = unquote(ep.username), unquote(ep.password or "")
+        if access_key:
+            kwargs.update(access_key=access_key, secret_key=secret_key)
         return pafs.S3FileSystem(**kwargs)
 
     # ---- reading ----------------------------------------------------------------------------
@@ -185,6 +197,25 @@ def _torch_dtype(name: str):
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
     return names[name]
+
+
+_PATH_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PATH_COMPONENT_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def is_path_component(value: str) -> bool:
+    """True when `value` can be one folder name as is: no separator, no `..`, nothing hidden."""
+    return bool(_PATH_COMPONENT.match(value))
+
+
+def path_component(value: str, what: str) -> str:
+    """`value` unchanged when safe as one folder name, else ValueError: data values never escape a folder.
+
+    Every value from user data that becomes part of a storage path (split names, ...) goes through here.
+    """
+    if not is_path_component(value):
+        raise ValueError(f"{what} {value!r} cannot be a folder name; allowed: {PATH_COMPONENT_RULE}")
+    return value
 
 
 def join(uri: str, *parts: str) -> str:

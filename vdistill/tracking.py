@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from vdistill.config import Config
+from vdistill.redact import CREDENTIAL_KEY, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 MAX_PARAM_VALUE = 6000  # MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def _client(uri: str):
-    """An MlflowClient bound to `uri` (no global tracking URI or active run); telemetry off first."""
+    """An MlflowClient bound to `uri` (no global tracking URI or active run); telemetry off first, and MLflow's
+    own "View run ... at: <uri>" lines off (they print the URI with its credentials; `ui_hint` prints it clean)."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -55,13 +56,13 @@ def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if _SECRET_KEY.search(str(key)):
+        if CREDENTIAL_KEY.search(str(key)):
             continue
         if isinstance(value, dict):
             out.update(flatten_params(value, f"{name}."))
             continue
         text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-        out[name[:MAX_KEY]] = _URL_USERINFO.sub(r"\1", text)[:MAX_PARAM_VALUE]
+        out[name[:MAX_KEY]] = redact_text(text)[:MAX_PARAM_VALUE]
     return out
 
 
@@ -249,7 +250,7 @@ class Tracker:
         self.experiment_id = self._experiment_id()
         run_key = hashlib.sha256(self.cfg.run_uri.encode()).hexdigest()[:32]
         run_id = _find_or_create_run(self.client, self.experiment_id, {RUN_KEY_TAG: run_key, ROLE_TAG: "pipeline"},
-                                     self.cfg.run.name, {RUN_URI_TAG: _URL_USERINFO.sub(r"\1", self.cfg.run_uri)})
+                                     self.cfg.run.name, {RUN_URI_TAG: redact_text(self.cfg.run_uri)})
         run = RunLogger(self.client, run_id)
         self._runs.append(run)
         public = self.cfg.public_dict()
@@ -328,4 +329,4 @@ class Tracker:
             return "tracking is off (tracking.enabled=false)"
         if self.uri.startswith("sqlite:"):
             return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
-        return "open " + _URL_USERINFO.sub(r"\1", self.uri) + " in a browser"
+        return "open " + redact_text(self.uri) + " in a browser"

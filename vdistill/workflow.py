@@ -48,7 +48,7 @@ def make_demo_dataset(p: Pipeline) -> dict[str, Any]:
 def ingest(p: Pipeline) -> dict[str, Any]:
     from vdistill.data.ingest import format_summary, run_ingest
 
-    summary = run_ingest(p.cfg, p.storage)
+    summary = run_ingest(p.cfg, p.storage, owner=p.owner)
     if not summary["skipped"]:  # the resolved config travels with what it produced
         p.storage.write_json(join(p.cfg.cache_uri, "config.json"), p.cfg.public_dict())
     p.log(format_summary(summary))

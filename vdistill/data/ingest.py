@@ -26,16 +26,20 @@ import numpy as np
 
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
-from vdistill.storage import join
+from vdistill.errors import UserError
+from vdistill.lease import Lease, Owner
+from vdistill.storage import join, path_component
 
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
+SHORT_VIDEOS = "short_videos.jsonl"  # clips filled up to decode.frames (loop/pad), one line per clip
 CLIPS = "clips"
 
 
-class IngestError(RuntimeError):
-    """The ingest ran but the result is not trustworthy (e.g. too many videos quarantined)."""
+class IngestError(UserError, RuntimeError):
+    """The ingest ran but the result is not trustworthy (e.g. too many videos quarantined); the cache stays
+    resumable (no manifest, quarantine.jsonl written), so the same command after a fix continues."""
 
 
 def clip_key(uri: str, start_s: float | None, end_s: float | None) -> str:
@@ -46,7 +50,7 @@ def clip_key(uri: str, start_s: float | None, end_s: float | None) -> str:
 
 
 def partition_uri(cache_uri: str, split: str, label: int) -> str:
-    return join(cache_uri, CLIPS, f"split={split}", f"label={label:04d}")
+    return join(cache_uri, CLIPS, f"split={path_component(split, 'split')}", f"label={int(label):04d}")
 
 
 def input_hash(manifest: Manifest, spec: DecodeSpec) -> str:
@@ -117,7 +121,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage: Any, spec: DecodeSpec
 
 def _clear(storage: Any, cache_uri: str) -> None:
     """Invalidate first (manifest), then remove what a previous or interrupted run left."""
-    for name in (MANIFEST, QUARANTINE, CLIPS):
+    for name in (MANIFEST, QUARANTINE, SHORT_VIDEOS, CLIPS):
         storage.delete(join(cache_uri, name))
 
 
@@ -131,15 +135,13 @@ def _dataset(manifest: Manifest, videos_per_task: int):
     return ray.data.from_items(items, override_num_blocks=blocks)
 
 
-def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
+def run_ingest(cfg: Any, storage: Any, progress: bool = True, owner: Owner | None = None) -> dict:
     """Annotation rows -> Ray Data (PyAV decode UDF) -> Parquet clip cache; returns the manifest/summary.
 
-    A no-op (nothing written) when the cache's manifest already has this input hash.
+    A no-op (nothing written) when the cache's manifest already has this input hash. Writing holds the
+    cache's lease (LeaseHeld while another live ingest writes the same cache.uri).
     Raises IngestError, after writing quarantine.jsonl, when too many videos were quarantined.
     """
-    import ray
-    from tqdm.auto import tqdm
-
     manifest = build_manifest(cfg.data, storage)
     spec = DecodeSpec.from_config(cfg.decode, seed=cfg.run.seed)
     digest = input_hash(manifest, spec)
@@ -147,6 +149,18 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
     previous = storage.read_json_or(join(cache_uri, MANIFEST))
     if previous and previous.get("input_hash") == digest:
         return {**previous, "skipped": True}
+    with Lease(storage, cache_uri, "cache", digest, owner or Owner()):
+        previous = storage.read_json_or(join(cache_uri, MANIFEST))  # written by the lease's last holder?
+        if previous and previous.get("input_hash") == digest:
+            return {**previous, "skipped": True}
+        return _write_cache(cfg, storage, manifest, spec, digest, progress)
+
+
+def _write_cache(cfg: Any, storage: Any, manifest: Manifest, spec: DecodeSpec, digest: str, progress: bool) -> dict:
+    import ray
+    from tqdm.auto import tqdm
+
+    cache_uri = cfg.cache_uri
     if not ray.is_initialized():
         ray.init()
     _clear(storage, cache_uri)
@@ -154,6 +168,7 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
     started = time.perf_counter()
     counts: dict[str, Counter] = defaultdict(Counter)
     quarantine = list(manifest.missing)
+    short: list[dict] = []
     decoded_frames = bytes_written = clips = approx = 0
     if manifest.rows:
         ds = _dataset(manifest, cfg.cache.videos_per_task).map_batches(
@@ -167,6 +182,9 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
                         counts[str(split)][str(int(label))] += 1
                         clips += 1
                         approx += bool(detail)
+                        if n < spec.frames:  # kept, but its frames repeat (decode.short_video)
+                            short.append({"uri": str(uri), "decoded": int(n), "frames": spec.frames,
+                                          "filled_by": spec.short_video})
                     else:
                         quarantine.append({"uri": str(uri), "reason": str(status), "detail": str(detail)})
                     decoded_frames += int(n)
@@ -174,6 +192,8 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
                 bar.update(len(stats["status"]))
     elapsed = time.perf_counter() - started
 
+    short.sort(key=lambda q: q["uri"])
+    storage.write_text(join(cache_uri, SHORT_VIDEOS), "".join(json.dumps(q, sort_keys=True) + "\n" for q in short))
     quarantine.sort(key=lambda q: (q["reason"], q["uri"]))
     storage.write_text(join(cache_uri, QUARANTINE), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
     by_reason = dict(sorted(Counter(q["reason"] for q in quarantine).items()))
@@ -193,6 +213,7 @@ def run_ingest(cfg: Any, storage: Any, progress: bool = True) -> dict:
         "counts": {s: {str(c): counts[s][str(c)] for c in range(len(manifest.classes))} for s in splits},
         "num_clips": clips, "bytes_written": bytes_written, "quarantine": by_reason,
         "quarantined": len(quarantine), "excluded": manifest.excluded, "approximate_sampling": approx,
+        "short_videos": {"count": len(short), "filled_by": spec.short_video, "list": SHORT_VIDEOS},
         "throughput": {"elapsed_s": round(elapsed, 3), "decoded_frames": decoded_frames,
                        "clips_per_s": round(clips / elapsed, 2) if elapsed else 0.0,
                        "frames_per_s": round(decoded_frames / elapsed, 1) if elapsed else 0.0},
@@ -215,6 +236,10 @@ def format_summary(summary: dict) -> str:
     quarantine = summary["quarantine"]
     lines.append(f"  quarantined {summary['quarantined']}" + (
         ": " + ", ".join(f"{k}={v}" for k, v in quarantine.items()) if quarantine else ""))
+    if summary.get("short_videos", {}).get("count"):
+        sv = summary["short_videos"]
+        lines.append(f"  short videos (fewer than {summary['frames']} frames, filled by {sv['filled_by']}): "
+                     f"{sv['count']}, listed in {sv['list']}")
     if summary.get("excluded"):
         lines.append("  excluded on purpose: " + ", ".join(f"{k}={v}" for k, v in summary["excluded"].items()))
     t = summary["throughput"]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from vdistill.storage import join
+from vdistill.errors import UserError
+from vdistill.storage import PATH_COMPONENT_RULE, is_path_component, join
 
 # The 50 UCF101 classes of the paper's miniUCF (method.md 1.1, from ucf50_splits1.csv).
 MINIUCF_CLASSES = (
@@ -227,6 +229,31 @@ def hmdb51(data_cfg: Any, storage: Any) -> Manifest:
 
 # ---- generic CSV -----------------------------------------------------------------------------------
 _TEST_NAMES = {"test", "val", "valid", "validate", "validation"}
+CSV_COLUMNS = ("path", "label", "split", "start", "end")
+CSV_FORMAT = "path,label[,split,start,end]"
+_HEADER_NAMES = {  # a first row made only of these words is a header; it may order the columns freely
+    "path": {"path", "filename", "file", "video", "video_path", "uri"},
+    "label": {"label", "class", "class_name", "category"},
+    "split": {"split", "subset"},
+    "start": {"start", "start_s", "t0", "time_start"},
+    "end": {"end", "end_s", "t1", "time_end"},
+}
+_DEFAULT_COLUMNS: dict[str, int | None] = {role: i for i, role in enumerate(CSV_COLUMNS)}
+_MAX_REPORTED = 20
+
+
+class AnnotationError(UserError, ValueError):
+    """Bad rows in an annotation file, every one as `file:line: column n (name): what is wrong; what is allowed`."""
+
+    def __init__(self, uri: str, problems: list[str]) -> None:
+        shown = problems[:_MAX_REPORTED]
+        more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+        super().__init__(f"{len(problems)} problem(s) in annotation file {uri}; nothing was ingested:\n  "
+                         + "\n  ".join(shown + more))
+        self.uri, self.problems = uri, problems
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its own arguments
+        return AnnotationError, (self.uri, self.problems)
 
 
 def _is_absolute(path: str) -> bool:
@@ -240,33 +267,134 @@ def _sort_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
+def _header_columns(cells: list[str]) -> dict[str, int] | None:
+    """Column index per role when every cell is a known column name (a header row), else None."""
+    roles: dict[str, int] = {}
+    for i, cell in enumerate(cells):
+        role = next((r for r, names in _HEADER_NAMES.items() if cell.strip().lower() in names), None)
+        if role is None or role in roles:
+            return None
+        roles[role] = i
+    return roles
+
+
+def _seconds(cell: str) -> float | None:
+    """A window bound: empty = none; else a finite number >= 0, or ValueError."""
+    if not cell:
+        return None
+    value = float(cell)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(cell)
+    return value
+
+
+@dataclass(frozen=True)
+class _CsvRow:
+    line: int
+    uri: str
+    path: str
+    label: str
+    split: str
+    start_s: float | None
+    end_s: float | None
+
+
+def _column(columns: dict[str, int | None], role: str) -> str:
+    return f"column {(columns[role] or 0) + 1} ({role})"
+
+
+def _parse_csv_row(cells: list[str], columns: dict[str, int | None], line: int, data_cfg: Any, root: str,
+                   problems: list[str]) -> _CsvRow | None:
+    """One data row, or None after appending its problems (`line: column n (name): what; allowed`)."""
+    count = len(problems)
+    if len(cells) > len(CSV_COLUMNS) and columns == _DEFAULT_COLUMNS:
+        problems.append(f"{line}: {len(cells)} columns; rows are {CSV_FORMAT}")
+        return None
+
+    def cell(role: str) -> str:
+        i = columns[role]
+        return cells[i].strip() if i is not None and i < len(cells) else ""
+
+    for role in ("path", "label"):
+        i = columns[role] or 0
+        if i >= len(cells):
+            hint = next((f" (wrong delimiter {d!r}? use commas)" for d in ";\t|" if d in cells[0]), "")
+            problems.append(f"{line}: {_column(columns, role)} is missing; rows are {CSV_FORMAT}{hint}")
+        elif not cells[i].strip():
+            problems.append(f"{line}: {_column(columns, role)} is empty; every row needs a video path and a class name")
+    raw_split = cell("split").lower() or "train"
+    split = data_cfg.test_split if raw_split in _TEST_NAMES else (
+        data_cfg.train_split if raw_split == "train" else raw_split)
+    if not is_path_component(split):
+        problems.append(f"{line}: {_column(columns, 'split')}: {cell('split')!r} is not allowed; use train, test "
+                        f"(or val, valid, validate, validation), or a name of {PATH_COMPONENT_RULE}")
+    window = {}
+    for role in ("start", "end"):
+        try:
+            window[role] = _seconds(cell(role))
+        except ValueError:
+            problems.append(f"{line}: {_column(columns, role)}: {cell(role)!r} is not a time in seconds; "
+                            "allowed: empty (the whole video) or a finite number >= 0")
+    t0, t1 = window.get("start"), window.get("end")
+    if t0 is not None and t1 is not None and t1 <= t0:
+        problems.append(f"{line}: {_column(columns, 'end')}: {t1} is not after start {t0}")
+    if len(problems) > count:
+        return None
+    path = cell("path")
+    uri = path if _is_absolute(path) else join(root, path)
+    return _CsvRow(line, uri, path, cell("label"), split, t0, t1)
+
+
+def _conflicts(rows: list[_CsvRow], columns: dict[str, int | None]) -> list[str]:
+    """A file under two labels, or in two splits (a train/test leak): each reported at its later line."""
+    problems = []
+    first: dict[str, _CsvRow] = {}
+    for row in rows:
+        seen = first.setdefault(row.uri, row)
+        if seen.label != row.label:
+            problems.append(f"{row.line}: {_column(columns, 'label')}: the file of line {seen.line} is "
+                            f"listed as {seen.label!r} and {row.label!r}; a video has one label")
+        if seen.split != row.split:
+            problems.append(f"{row.line}: {_column(columns, 'split')}: the file of line {seen.line} is "
+                            f"listed in {seen.split!r} and {row.split!r} (a train/test leak); a video is in one split")
+    return problems
+
+
 def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
-    """`path,label[,split,start,end]` (optional header); relative paths resolve against data.root (or
-    the CSV's folder); split defaults to train; test/val/validate/validation map to the test split."""
+    """`path,label[,split,start,end]`, or any order under a header row (`filename,label,split`, ...); relative
+    paths resolve against data.root (or the CSV's folder); split defaults to train; test/val/validate/validation
+    map to the test split. Every row is checked first; all problems raise one AnnotationError."""
     csv_uri = _annotations(data_cfg)
     if not storage.is_file(csv_uri):
         raise FileNotFoundError(f"generic_csv: annotation CSV {csv_uri} not found (set data.annotations)")
     root = (data_cfg.root or csv_uri.rsplit("/", 1)[0]).rstrip("/")
-    records = [r for r in csv.reader(io.StringIO(storage.read_text(csv_uri))) if r and r[0].strip()]
-    if records and records[0][0].strip().lower() == "path":
-        records = records[1:]
+    reader = csv.reader(io.StringIO(storage.read_text(csv_uri)))
+    records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+    columns = dict(_DEFAULT_COLUMNS)
+    problems: list[str] = []
+    if records and (header := _header_columns(records[0][1])) is not None:
+        line, _ = records.pop(0)
+        for role in ("path", "label"):
+            if role not in header:
+                names = ", ".join(sorted(_HEADER_NAMES[role]))
+                problems.append(f"{line}: header has no {role} column (one of {names})")
+        used = set(header.values())  # columns the header leaves unnamed keep their default place
+        columns = {role: header.get(role, None if i in used else i) for i, role in enumerate(CSV_COLUMNS)}
+    rows = [] if problems else [
+        r for line, cells in records if (r := _parse_csv_row(cells, columns, line, data_cfg, root, problems))]
+    problems += _conflicts(rows, columns)
+    if problems:
+        name = csv_uri.rsplit("/", 1)[-1]
+        raise AnnotationError(csv_uri, [f"{name}:{p}" for p in problems])
     files = _FileIndex(storage, root)
     items, missing = [], []
-    labels = {rec[1].strip() for rec in records}
-    for rec in records:
-        path, label = rec[0].strip(), rec[1].strip()
-        raw_split = rec[2].strip().lower() if len(rec) > 2 and rec[2].strip() else "train"
-        split = data_cfg.test_split if raw_split in _TEST_NAMES else (
-            data_cfg.train_split if raw_split == "train" else raw_split)
-        t0 = float(rec[3]) if len(rec) > 3 and rec[3].strip() else None
-        t1 = float(rec[4]) if len(rec) > 4 and rec[4].strip() else None
-        uri = path if _is_absolute(path) else join(root, path)
-        found = storage.is_file(uri) if _is_absolute(path) else path.removeprefix("./") in files.relative
+    for row in rows:
+        found = storage.is_file(row.uri) if _is_absolute(row.path) else row.path.removeprefix("./") in files.relative
         if found:
-            items.append((uri, label, split, t0, t1))
+            items.append((row.uri, row.label, row.split, row.start_s, row.end_s))
         else:
-            missing.append(_missing(uri, f"listed in {csv_uri} ({label})"))
-    classes = _sort_labels(labels)
+            missing.append(_missing(row.uri, f"listed in {csv_uri}:{row.line} ({row.label})"))
+    classes = _sort_labels({row.label for row in rows})
     return Manifest("generic_csv", classes, _index_rows(classes, items), missing)
 
 
