@@ -172,9 +172,12 @@ class DynamicConfig(_Section):
     iterations: int = Field(100, ge=0)
     lr_dynamic: float = Field(1e4, gt=0)
     lr_integrator: float = Field(1e-5, gt=0)
-    integrator_init: Literal["default", "identity"] = Field(
-        "identity", description="default = PyTorch init (paper); identity = start from the tiled still image"
+    integrator_init: Literal["default", "identity", "residual"] = Field(
+        "identity", description="default = PyTorch init (paper); identity = start from the tiled still image; "
+        "residual = still image + dynamic clip on every channel (pairs with init=real)"
     )
+    init: Literal["randn", "real"] = Field(
+        "randn", description="dynamic memory start: randn (paper) or real = temporal residuals of random real clips")
     momentum: float = Field(0.95, ge=0, lt=1)
     train_static: bool = False
     lr_static: float = Field(100.0, gt=0)

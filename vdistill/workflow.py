@@ -200,7 +200,7 @@ def dynamic(p: Pipeline, method: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.run.seed)
     synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"], generator,
                            syn_lr=dcfg.lr_teacher, train_static=dcfg.train_static,
-                           integrator_init=dcfg.integrator_init)
+                           integrator_init=dcfg.integrator_init, dynamic_init=dcfg.init, sample_real=sampler.sample)
     snapshot, expert_ids = _snapshot_reader(p, "video") if method == "mtt" else (None, [])
     state, save = _checkpointing(p, f"dynamic-{method}")
     resumed_from = state["iteration"] if state else 0

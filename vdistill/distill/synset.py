@@ -105,6 +105,13 @@ def init_static_memory(layout: SlotLayout, size: int, init: str, generator: torc
     return to_model_input(torch.cat(frames), device)
 
 
+def real_residuals(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips `(n, T, H, W, 3)` -> what moves in them, `(n, T, 1, H, W)`: each frame minus the clip's temporal
+    mean, averaged over colour channels, in the normalised space the networks see."""
+    x = to_model_input(clips)
+    return (x - x.mean(dim=1, keepdim=True)).mean(dim=2, keepdim=True)
+
+
 class S2DSet:
     """Static memory `(C*spc, 3, H, W)` + dynamic memory `(C, dpc, T, 1, H, W)` + integrator + `syn_lr`.
 
@@ -131,12 +138,26 @@ class S2DSet:
 
     @classmethod
     def create(cls, layout: SlotLayout, static_memory: torch.Tensor, frames: int, generator: torch.Generator,
-               syn_lr: float = 0.01, train_static: bool = False, integrator_init: str = "default") -> "S2DSet":
-        """Fresh set around a static memory: dynamic memory `randn` (method.md 5.1), integrator seeded from
-        `generator` with `integrator_init` ("default" as in the paper, or "identity")."""
+               syn_lr: float = 0.01, train_static: bool = False, integrator_init: str = "default",
+               dynamic_init: str = "randn", sample_real: RealSampler | None = None) -> "S2DSet":
+        """Fresh set around a static memory, integrator seeded from `generator` with `integrator_init`
+        ("default" as in the paper, "identity" or "residual").
+
+        `dynamic_init="randn"` is the paper's dynamic memory; `"real"` starts each dynamic clip as the
+        temporal residual of a random real clip of its class (`real_residuals`), so that with the
+        "residual" integrator every synthetic video starts as a real clip's motion on a distilled still.
+        """
         size = static_memory.shape[-1]
-        dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, size, size, generator=generator,
-                              dtype=static_memory.dtype)
+        if dynamic_init == "randn":
+            dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, size, size, generator=generator,
+                                  dtype=static_memory.dtype)
+        elif dynamic_init == "real":
+            if sample_real is None:
+                raise ValueError("dynamic.init=real needs a real-clip sampler")
+            dynamic = torch.stack([real_residuals(sample_real(c, layout.dpc, generator))
+                                   for c in range(layout.num_classes)])
+        else:
+            raise ValueError(f"dynamic.init must be 'randn' or 'real' (got {dynamic_init!r})")
         integrator = seeded(draw_seed(generator), lambda: Integrator(integrator_init))
         return cls(layout, static_memory, dynamic.to(static_memory.device), integrator,
                    torch.tensor(syn_lr), train_static)
@@ -280,4 +301,4 @@ class PixelSet:
 
 
 __all__ = ["PAPER_SLOT_PAIRING", "PixelSet", "RealSampler", "S2DSet", "SlotLayout",
-           "draw_seed", "init_static_memory", "random_real_frames"]
+           "draw_seed", "init_static_memory", "random_real_frames", "real_residuals"]

@@ -12,13 +12,22 @@ class Integrator(nn.Module):
     `init="default"` is PyTorch's initialisation, as in the paper. `init="identity"` starts as "the
     still image, tiled, plus a faint trace of the dynamic clip" (centre tap 1 per colour channel,
     dynamic weights scaled by 0.1, no bias), so short schedules start from the distilled stills
-    instead of a random colour mix of them.
+    instead of a random colour mix of them. `init="residual"` is exactly "still image + dynamic clip"
+    on every colour channel (centre taps 1, all else 0): with a dynamic memory that holds a real
+    clip's temporal residual (`S2DSet.create(dynamic_init="real")`), iteration 0 reproduces the clip.
     """
 
     def __init__(self, init: str = "default") -> None:
         super().__init__()
         self.conv = nn.Conv3d(4, 3, kernel_size=3, padding=1)
-        if init == "identity":
+        if init == "residual":
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.bias.zero_()
+                for c in range(3):
+                    self.conv.weight[c, c, 1, 1, 1] = 1.0
+                    self.conv.weight[c, 3, 1, 1, 1] = 1.0
+        elif init == "identity":
             with torch.no_grad():
                 dynamic = self.conv.weight[:, 3:].clone()
                 self.conv.weight.zero_()
@@ -27,7 +36,7 @@ class Integrator(nn.Module):
                     self.conv.weight[c, c, 1, 1, 1] = 1.0
                 self.conv.bias.zero_()
         elif init != "default":
-            raise ValueError(f"dynamic.integrator_init must be 'default' or 'identity' (got {init!r})")
+            raise ValueError(f"dynamic.integrator_init must be 'default', 'identity' or 'residual' (got {init!r})")
 
     def forward(self, static: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
         frames = dynamic.shape[1]
