@@ -149,3 +149,22 @@ def test_real_static_init_takes_one_frame_of_each_class():
     assert (class_means[1:] > class_means[:-1]).all()
     noise = init_static_memory(layout, SIZE, "noise", torch.Generator().manual_seed(0))
     assert noise.shape == (C * 2, 3, SIZE, SIZE)
+
+
+def test_real_dynamic_init_with_the_residual_integrator_starts_as_the_real_clip():
+    """Iteration 0 of dynamic.init=real: the still (here the clip's temporal mean) plus the clip's own motion."""
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (1, T, SIZE, SIZE, 1), generator=g, dtype=torch.uint8).expand(-1, -1, -1, -1, 3)
+    real = to_model_input(clip)
+    layout = SlotLayout(1, 1, statics_per_slot=1, dynamics_per_slot=1)
+    s2d = S2DSet.create(layout, real.mean(dim=1), T, g, integrator_init="residual", dynamic_init="real",
+                        sample_real=lambda c, n, generator: clip)
+    videos, _ = s2d.all_videos(g)
+    error = (videos - real).norm() / (real - real.mean(dim=1, keepdim=True)).norm()
+    assert error < 0.05  # exact up to the per-channel normalisation of a grey clip's motion
+
+
+def test_real_dynamic_init_needs_a_sampler():
+    layout = SlotLayout(C, 1)
+    with pytest.raises(ValueError, match="dynamic.init=real needs a real-clip sampler"):
+        S2DSet.create(layout, torch.zeros(C * layout.spc, 3, SIZE, SIZE), T, torch.Generator(), dynamic_init="real")
