@@ -170,14 +170,15 @@ class DynamicConfig(_Section):
     statics_per_slot: int = Field(2, ge=1)
     dynamics_per_slot: int = Field(2, ge=1)
     iterations: int = Field(100, ge=0)
-    lr_dynamic: float = Field(1e4, gt=0)
+    lr_dynamic: float = Field(1e3, gt=0, description="MTT's gradients are tiny: the paper uses 1e4 from randn")
     lr_integrator: float = Field(1e-5, gt=0)
     integrator_init: Literal["default", "identity", "residual"] = Field(
-        "identity", description="default = PyTorch init (paper); identity = start from the tiled still image; "
-        "residual = still image + dynamic clip on every channel (pairs with init=real)"
+        "residual", description="default = PyTorch init (paper); identity = the tiled still image plus a faint "
+        "random trace of the dynamic clip; residual = still image + dynamic clip on every channel"
     )
     init: Literal["randn", "real"] = Field(
-        "randn", description="dynamic memory start: randn (paper) or real = temporal residuals of random real clips")
+        "real", description="dynamic memory start: randn (paper) or real = temporal residuals of random real clips "
+        "(with integrator_init=residual every video starts as real motion on a still; measured better on real footage)")
     momentum: float = Field(0.95, ge=0, lt=1)
     train_static: bool = False
     lr_static: float = Field(100.0, gt=0)
@@ -204,7 +205,8 @@ class BaselinesConfig(_Section):
         ["dm"], description="extra S2D runs besides dynamic.method, e.g. [dm] when dynamic.method is mtt"
     )
     s2d_overrides: dict[Literal["dm", "mtt"], dict[str, Any]] = Field(
-        {"dm": {"lr_dynamic": 1e-4, "lr_integrator": 1e-5}}, description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
+        {"dm": {"lr_dynamic": 100.0, "lr_integrator": 1e-3, "iterations": 500}},
+        description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
     )
     full: bool = True
     full_epochs: int = Field(30, ge=1, description="epochs of the full-data upper bound (evaluate.epochs is for tiny sets)")
