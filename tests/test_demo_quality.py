@@ -1,5 +1,9 @@
 """The product's promise at demo scale: at one video per class, S2D beats random real clips at no more storage,
-on the procedural set and on real camera footage, with the defaults."""
+on real camera footage, with the defaults.
+
+Only the footage set is asserted: with the defaults tuned on real footage, S2D no longer beats random real
+clips on the procedural shapes (README, Results), and a default that only wins on generated shapes was the
+bug this replaced."""
 from __future__ import annotations
 
 import pytest
@@ -9,19 +13,15 @@ from vdistill.coordinator import run_pipeline
 from vdistill.storage import Storage, join
 from vdistill.workflow import point_at_demo_data
 
-KINDS = {
-    "procedural": [],
-    # 8 classes = 2 camera shots x 4 motions: a single frame gives a quarter of the label
-    "footage": ["demo.kind=footage", "demo.classes=8", "demo.train_per_class=20", "demo.test_per_class=10",
-                "experts.num_experts=2"],
-}
+# 8 classes = 2 camera shots x 4 motions: a single frame gives a quarter of the label
+FOOTAGE = ["demo.kind=footage", "demo.classes=8", "demo.train_per_class=20", "demo.test_per_class=10",
+           "experts.num_experts=2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_s2d_beats_random_real_clips_at_one_video_per_class(ray_session, tmp_path, kind):
+def test_s2d_beats_random_real_clips_on_real_footage_at_one_video_per_class(ray_session, tmp_path):
     cfg = point_at_demo_data(load_config(None, [
-        *KINDS[kind], f"run.root={tmp_path}", "tracking.enabled=false", "baselines.pixel_methods=[]",
+        *FOOTAGE, f"run.root={tmp_path}", "tracking.enabled=false", "baselines.pixel_methods=[]",
         "baselines.coresets=[random]", "baselines.full=false", "evaluate.num_eval=5"]))
     run_pipeline(cfg, demo=True)
     rows = {row["method"]: row for row in Storage().read_json(join(cfg.run_uri, "evaluate", "results.json"))}
