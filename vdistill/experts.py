@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vdistill.config import Config, ModelConfig
+from vdistill.errors import UserError
 from vdistill.storage import Storage, join
 
 KINDS = ("video", "frame")
@@ -451,11 +452,8 @@ def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -
         trainer.fit()
 
 
-class ExpertsFailed(RuntimeError):
-    """Some experts could not be finished; none of them is marked complete, the stage fails."""
-
-    def __init__(self, kind: str, total: int, reasons: list[str]) -> None:
-        super().__init__(f"{len(reasons)} of {total} {kind} experts did not finish:\n  " + "\n  ".join(reasons))
+class ExpertsFailed(UserError, RuntimeError):
+    """Some experts could not be finished (the message lists each and why); none is marked complete."""
 
 
 def _failure(storage: Storage, job: ExpertJob) -> str:
@@ -495,7 +493,8 @@ def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = Tr
         _fit(cfg, storage, pending, progress)
         failed = [job for job in pending if not is_complete(storage, job)]
         if failed:
-            raise ExpertsFailed(kind, len(jobs), [_failure(storage, job) for job in failed])
+            raise ExpertsFailed(f"{len(failed)} of {len(jobs)} {kind} experts did not finish:\n  "
+                                + "\n  ".join(_failure(storage, job) for job in failed))
         storage.delete(join(trajectory_dir(cfg.run_uri, kind), "partial"))
     manifest = {"format": FORMAT, "kind": kind, "epochs": jobs[0].epochs, "cache_manifest_hash": jobs[0].manifest_hash,
                 "experts": {os.path.basename(job.uri): job.input_hash for job in jobs}}

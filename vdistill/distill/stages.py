@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vdistill.data.pixels import to_model_input
+from vdistill.errors import UserError
 from vdistill.distill.objectives import MTT_MODES, dc_loss, dm_loss, mtt_plan, random_network
 from vdistill.distill.synset import (PixelSet, RealSampler, S2DSet, SlotLayout, draw_seed, init_static_memory,
                                      random_real_frames)
@@ -89,6 +90,10 @@ class ExpertCursor:
 LossFn = Callable[[torch.Generator, ExpertCursor], torch.Tensor]
 
 
+class Diverged(UserError, FloatingPointError):
+    """A distillation stage met a non-finite loss, synthetic tensor or expert; the message names the key to lower."""
+
+
 # `objective(net, real_by_class, syn_by_class) -> loss`: how one fresh random network compares the two sides.
 PerClassObjective = Callable[[nn.Module, list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
 PER_CLASS_OBJECTIVES: dict[str, PerClassObjective] = {
@@ -138,7 +143,7 @@ def _check_trajectory(expert: int, start_epoch: int, target_epoch: int, start: t
                       target: torch.Tensor) -> None:
     """An expert segment MTT can match: finite, and the weights moved between the two snapshots."""
     if not (torch.isfinite(start).all() and torch.isfinite(target).all()):
-        raise FloatingPointError(
+        raise Diverged(
             f"expert {expert} has non-finite weights at epoch {start_epoch} or {target_epoch}: it diverged while "
             "training; retrain the experts with a lower experts.lr")
     if torch.equal(start, target):
@@ -182,12 +187,12 @@ def _run_loop(synset: SyntheticSet, optimizers: dict[str, torch.optim.Optimizer]
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(generator, cursor)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: the distillation loss became {loss.item()} at iteration {it}; "
+            raise Diverged(f"{name}: the distillation loss became {loss.item()} at iteration {it}; "
                                      f"lower {lr_keys}")
         for opt in optimizers.values():
             opt.step()
         if not all(bool(torch.isfinite(t).all()) for t in synset.leaves()):
-            raise FloatingPointError(f"{name}: the synthetic set became non-finite at iteration {it} (loss "
+            raise Diverged(f"{name}: the synthetic set became non-finite at iteration {it} (loss "
                                      f"{loss.item():.4g}); lower {lr_keys}")
         if min_syn_lr is not None:
             with torch.no_grad():
