@@ -190,13 +190,19 @@ def test_too_many_quarantined_fails_after_writing_quarantine(bucket, ray_session
     assert storage.is_file(join(cache, "quarantine.jsonl")) and not storage.is_file(join(cache, "manifest.json"))
 
 
+def _demo_plus_one_row(storage: Storage, root: str, *, frames: int, extra_frames: int, row: str) -> str:
+    """A 2-class demo set plus one index video of `extra_frames` frames, listed by the extra CSV `row`."""
+    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
+                                                           frames=frames))
+    write_index_video(storage, join(root, row.split(",", 1)[0]), extra_frames)
+    storage.write_text(csv_uri, storage.read_text(csv_uri) + row + "\n")
+    return csv_uri
+
+
 def test_split_escaping_the_cache_is_refused_and_nothing_is_written(tmp_path):
     storage = Storage()
     root = str(tmp_path / "data")
-    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
-                                                           frames=4))
-    write_index_video(storage, join(root, "extra.mp4"), 8)
-    storage.write_text(csv_uri, storage.read_text(csv_uri) + "extra.mp4,c0,x/../../../escaped_split\n")
+    csv_uri = _demo_plus_one_row(storage, root, frames=4, extra_frames=8, row="extra.mp4,c0,x/../../../escaped_split")
     before = sorted(p for p in tmp_path.rglob("*"))
     with pytest.raises(AnnotationError, match=r"demo.csv:\d+: column 3 \(split\): 'x/../../../escaped_split'"):
         run_ingest(_cfg(root, csv_uri, str(tmp_path / "a" / "b" / "c" / "cache")), storage, progress=False)
@@ -211,10 +217,7 @@ def test_partition_folder_refuses_a_split_that_is_not_one_folder_name():
 def test_videos_shorter_than_a_clip_are_listed_and_counted(tmp_path, ray_session):
     storage = Storage()
     root = str(tmp_path / "data")
-    csv_uri = write_demo_dataset(storage, root, DemoConfig(classes=2, train_per_class=1, test_per_class=1, size=16,
-                                                           frames=8))
-    write_index_video(storage, join(root, "five.mp4"), 5)
-    storage.write_text(csv_uri, storage.read_text(csv_uri) + "five.mp4,c0,train\n")
+    csv_uri = _demo_plus_one_row(storage, root, frames=8, extra_frames=5, row="five.mp4,c0,train")
     cfg = _cfg(root, csv_uri, str(tmp_path / "cache"))
     summary = run_ingest(cfg, storage, progress=False)
     assert summary["short_videos"] == {"count": 1, "filled_by": "loop", "list": "short_videos.jsonl"}
