@@ -1,6 +1,11 @@
-"""Benchmark the dynamic stage: seconds per iteration (DM, MTT) and MTT peak memory, memory-constant vs unrolled.
+"""Benchmark the distillation loop: seconds per iteration (DM, MTT) and peak memory, memory-constant vs unrolled.
 
-Usage: `python jobs/bench_distill.py [--quick] [--device auto|cpu|cuda]`.
+Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`.
+
+`--shape small` (the default): an S2D set of 10 classes x 1 video, 8x32^2 clips, ConvNet3D width 64, syn_steps
+5/10/20. `--shape paper`: the original code's configuration (16 classes x 1 video, 16x64^2, ConvNet3D width 128
+with the paper head, pixel sets, batch_real 16, syn_steps 10/20), printed next to the original code's own
+per-iteration figures on this machine kind (2 cores) as the external reference.
 
 Every configuration runs in a fresh subprocess so that peaks do not leak between them. Peak memory is
 - on CUDA: `torch.cuda.max_memory_allocated` during the iterations minus the allocation before them;
@@ -29,39 +34,53 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPE = dict(classes=10, vpc=1, frames=8, size=32, width=64)
+SHAPES = {
+    "small": dict(classes=10, vpc=1, frames=8, size=32, width=64, head="adaptive", set="s2d", batch_real=16,
+                  syn_steps=[5, 10, 20]),
+    "paper": dict(classes=16, vpc=1, frames=16, size=64, width=128, head="paper", set="pixels", batch_real=16,
+                  syn_steps=[10, 20]),
+}
+# The original code at the paper shape, 2 threads, on this machine kind (issue 12): (s/iteration, peak GB).
+ORIGINAL = {("dm", 1): (8.2, 2.7), ("mtt", 10): (58.0, 3.6), ("mtt", 20): (134.0, 6.0)}
 
 
 def _worker(spec: dict) -> dict:
     """One configuration in this process: build everything, warm up, then measure `spec['iters']` iterations."""
     import torch
 
-    from vdistill.config import DynamicConfig, ModelConfig
+    from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig
     from vdistill.device import resolve_device
-    from vdistill.distill.stages import run_dynamic_stage
-    from vdistill.distill.synset import S2DSet, SlotLayout
+    from vdistill.distill.loop import Recipe, distill
+    from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout
     from vdistill.models import ConvNet3D, flat_params
 
     torch.set_num_threads(spec["threads"])
     device = resolve_device(spec["device"])
-    c, t, size, width = SHAPE["classes"], SHAPE["frames"], SHAPE["size"], SHAPE["width"]
+    shape = SHAPES[spec["shape"]]
+    c, t, size, width, head = shape["classes"], shape["frames"], shape["size"], shape["width"], shape["head"]
     g = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (c, 16, t, size, size, 3), generator=g, dtype=torch.uint8)
     sample_real = lambda k, n, gen: real[k, torch.randint(16, (n,), generator=gen)]  # noqa: E731
-    build = lambda: ConvNet3D(c, t, size, width=width, head="adaptive")  # noqa: E731
+    build = lambda: ConvNet3D(c, t, size, width=width, head=head)  # noqa: E731
     theta0 = flat_params(build())
     steps = [theta0 + 0.01 * e * torch.randn(theta0.shape, generator=g) for e in range(3)]
     snapshot = lambda expert, epoch: steps[epoch]  # noqa: E731
-    model_cfg = ModelConfig(width=width, head="adaptive")
-    layout = SlotLayout(c, SHAPE["vpc"])
+    model_cfg = ModelConfig(width=width, head=head)
+    layout = SlotLayout(c, shape["vpc"])
 
     def run(iterations: int, seconds: list[float]) -> None:
-        synset = S2DSet.create(layout, torch.randn(c * layout.spc, 3, size, size, generator=g).to(device), t, g)
+        if shape["set"] == "s2d":
+            synset = S2DSet.create(layout, torch.randn(c * layout.spc, 3, size, size, generator=g).to(device), t, g)
+        else:
+            synset = PixelSet.from_real(sample_real, c, shape["vpc"], g, device)
         cfg = DynamicConfig(method=spec["method"], iterations=iterations, syn_steps=spec["syn_steps"],
-                            mtt_mode=spec["mode"], max_start_epoch=1, expert_epochs=1, batch_real=16,
-                            checkpoint_every=10**6)
-        run_dynamic_stage(spec["method"], synset, sample_real, cfg, device, 0, model_cfg=model_cfg,
-                          snapshot=snapshot, expert_ids=[0], on_metrics=lambda it, m: seconds.append(m["seconds"]))
+                            mtt_mode=spec["mode"], max_start_epoch=1, expert_epochs=1,
+                            batch_real=shape["batch_real"], checkpoint_every=10**6)
+        recipe = Recipe.dynamic(cfg) if shape["set"] == "s2d" else Recipe.pixels(
+            spec["method"], BaselinesConfig(pixel_iterations=iterations), cfg)
+        distill(synset, recipe, sample_real, torch.Generator().manual_seed(0), device, num_classes=c,
+                model_cfg=model_cfg, snapshot=snapshot, expert_ids=[0],
+                on_metrics=lambda it, m: seconds.append(m["seconds"]))
 
     _warm_up(device)
     if device.type == "cuda":
@@ -77,7 +96,8 @@ def _worker(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_base) * 1024  # ru_maxrss is KiB on Linux
-    return {"seconds": min(seconds), "peak_mib": peak / 2**20, "device": str(device),
+    total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, as the original's figure
+    return {"seconds": min(seconds), "peak_mib": peak / 2**20, "total_mib": total / 2**20, "device": str(device),
             "theta_mib": (spec["syn_steps"] * theta0.numel() * 4 / 2**20 if spec["mode"] == "constant" else 0.0)}
 
 
@@ -106,26 +126,32 @@ def _measure(spec: dict) -> dict:
     if timed["device"].startswith("cuda"):
         return timed
     memory = _worker_run({**spec, "iters": 1}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
-    return {**timed, "peak_mib": memory["peak_mib"]}
+    return {**timed, "peak_mib": memory["peak_mib"], "total_mib": memory["total_mib"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations and syn_steps (5, 10) only")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="one timed iteration, the two smallest syn_steps")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1 = least noisy when shared)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per worker (default: 1 for small, the least noisy when shared; 2 for paper, "
+                        "as the reference figures)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
 
-    iters = 1 if args.quick else 4
-    steps_list = [5, 10] if args.quick else [5, 10, 20]
-    base = dict(device=args.device, threads=args.threads, iters=iters)
+    shape = SHAPES[args.shape]
+    threads = args.threads or (2 if args.shape == "paper" else 1)
+    iters = 1 if args.quick else (2 if args.shape == "paper" else 4)
+    steps_list = shape["syn_steps"][:2] if args.quick else shape["syn_steps"]
+    base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape)
     tic = time.perf_counter()
-    print(f"dynamic stage, {SHAPE['classes']} classes x vpc {SHAPE['vpc']}, clips {SHAPE['frames']}x{SHAPE['size']}^2, "
-          f"ConvNet3D width {SHAPE['width']} adaptive, {args.threads} thread(s), best of {iters} iterations")
+    print(f"{shape['set']} set, {shape['classes']} classes x vpc {shape['vpc']}, clips {shape['frames']}x"
+          f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, batch_real {shape['batch_real']}, "
+          f"{threads} thread(s), best of {iters} iterations after one warm-up")
     dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
     print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB\n")
     header = (f"{'syn_steps':>9} | {'unrolled s/it':>13} {'constant s/it':>13} {'time ratio':>10} | "
@@ -133,6 +159,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     constant_peaks, device_peaks = [], []
+    references = ["DM:" + _versus_original(args.shape, "dm", 1, dm)]
     for syn_steps in steps_list:
         unrolled = _measure({**base, "method": "mtt", "mode": "unrolled", "syn_steps": syn_steps})
         constant = _measure({**base, "method": "mtt", "mode": "constant", "syn_steps": syn_steps})
@@ -142,12 +169,28 @@ def main() -> None:
               f"{constant['seconds'] / unrolled['seconds']:>10.2f} | {unrolled['peak_mib']:>12.0f} "
               f"{constant['peak_mib']:>12.0f} {constant['theta_mib']:>9.1f} {device_peaks[-1]:>11.0f} "
               f"{constant['peak_mib'] / max(unrolled['peak_mib'], 1e-9):>9.2f}")
+        references.append(f"MTT syn_steps {syn_steps}, memory-constant:" + _versus_original(
+            args.shape, "mtt", syn_steps, constant))
 
     def spread(values: list[float]) -> float:
         return max(values) / max(min(values), 1e-9)
 
     print(f"\nmemory-constant peak, largest / smallest syn_steps: without theta history {spread(device_peaks):.2f}x "
           f"(target <= 1.10), total {spread(constant_peaks):.2f}x; wall {time.perf_counter() - tic:.0f} s")
+    for line in references:
+        if line.endswith(":"):
+            continue
+        print(line)
+
+
+def _versus_original(shape: str, method: str, syn_steps: int, measured: dict) -> str:
+    """`; original X s/it, Y GB -> Zx faster, W of its memory` at the paper shape, else nothing."""
+    if shape != "paper" or (method, syn_steps) not in ORIGINAL:
+        return ""
+    seconds, gb = ORIGINAL[method, syn_steps]
+    return (f" {measured['seconds']:.1f} s/it, process peak {measured['total_mib'] / 1024:.2f} GB; original "
+            f"{seconds:.1f} s/it, {gb:.1f} GB -> {seconds / measured['seconds']:.2f}x faster, "
+            f"{measured['total_mib'] / 1024 / gb:.2f}x its memory")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from vdistill.config import Config, load_config  # noqa: E402
 from vdistill.data.clips import load_split  # noqa: E402
 from vdistill.data.ingest import MANIFEST, _write_part  # noqa: E402
 from vdistill.experts import TrajectoryReader, expert_seed, plan_experts, run_experts  # noqa: E402
-from vdistill.models import build_model, flat_params  # noqa: E402
+from vdistill.models import flat_params  # noqa: E402
 from vdistill.storage import Storage, join  # noqa: E402
 from vdistill.train import test_accuracy, train_epoch  # noqa: E402
 
@@ -71,16 +71,16 @@ def bare_loop(cfg: Config, storage: Storage) -> dict[str, float]:
     for job in plan_experts(cfg, storage, "video"):
         torch.manual_seed(expert_seed(cfg.run.seed, "video", job.index))
         generator = torch.Generator().manual_seed(job.seed)
-        model = build_model(job.model_name, len(job.classes), job.frames, job.size, job.model_cfg)
-        optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum)
+        model = job.build_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=job.experts.lr, momentum=job.experts.momentum)
         snapshots = [flat_params(model)]
         for _ in range(job.epochs):
             t = time.perf_counter()
-            train_epoch(model, train.videos, train.labels, optimizer, batch_size=job.batch_size, device=device,
+            train_epoch(model, train.videos, train.labels, optimizer, batch_size=job.experts.batch_size, device=device,
                         generator=generator)
             train_s += time.perf_counter() - t
             snapshots.append(flat_params(model))
-        test_accuracy(model, test.videos, test.labels, batch_size=job.batch_size, device=device)
+        test_accuracy(model, test.videos, test.labels, batch_size=job.experts.batch_size, device=device)
     return {"wall_s": time.perf_counter() - start, "train_s": train_s, "workers": 1, "startup_s": 0.0}
 
 

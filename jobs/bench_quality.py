@@ -29,9 +29,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from vdistill.config import Config, load_config  # noqa: E402
 from vdistill.coordinator import connect_ray, run_pipeline  # noqa: E402
 from vdistill.data.clips import load_split  # noqa: E402
-from vdistill.evaluate import TensorSource, evaluate_set, storage_mb  # noqa: E402
+from vdistill.distill.synset import storage_mb  # noqa: E402
+from vdistill.evaluate import TensorSource, evaluate_set  # noqa: E402
 from vdistill.export import S2DDataset, load_distilled  # noqa: E402
-from vdistill.storage import Storage, join  # noqa: E402
+from vdistill.storage import Storage  # noqa: E402
 
 Transform = Callable[[S2DDataset], S2DDataset]
 

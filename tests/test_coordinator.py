@@ -87,7 +87,7 @@ def test_the_coordinator_name_covers_every_setting_and_the_code():
 
 # ---- each stage's identity is exactly what it reads ---------------------------------------------------------
 def _hashes(*overrides: str) -> dict[str, str]:
-    from vdistill.coordinator import Pipeline
+    from vdistill.pipeline import Pipeline
 
     return Pipeline(load_config(None, ["tracking.enabled=false", *overrides]), Storage()).input_hashes()
 
@@ -106,8 +106,18 @@ def test_evaluate_settings_change_dynamic_stages_that_evaluate_while_distilling(
     assert {"dynamic-mtt", "evaluate"} <= changed and "dynamic-dm" not in changed
 
 
-def test_dynamic_learning_rates_leave_the_static_stage_and_the_experts_alone():
-    assert _changed((), "dynamic.lr_dynamic=5") == {"dynamic-mtt", "pixels-dm", "pixels-mtt", "evaluate", "export"}
+def test_dynamic_learning_rates_leave_the_static_stage_the_experts_and_the_pixel_baselines_alone():
+    assert _changed((), "dynamic.lr_dynamic=5") == {"dynamic-mtt", "evaluate", "export"}
+
+
+def test_a_pixel_baseline_setting_changes_that_baseline_only():
+    assert _changed((), "baselines.pixel_lr_dm=3") == {"pixels-dm", "evaluate", "export"}
+
+
+def test_a_dm_only_run_trains_no_experts():
+    dm_only = ("dynamic.method=dm", "baselines.s2d_methods=[]", "baselines.pixel_methods=[dm]")
+    assert not any(name.startswith("experts") for name in _hashes(*dm_only))
+    assert "experts-video" in _hashes()
 
 
 def test_the_slot_layout_changes_the_static_stage():
@@ -120,7 +130,7 @@ def test_mtt_settings_change_a_static_mtt_stage_only():
 
 
 def test_a_finished_shared_cache_is_not_reingested_with_other_decode_settings(failed_then_fixed, preset):
-    from vdistill.coordinator import Pipeline, RunConflict
+    from vdistill.pipeline import Pipeline, RunConflict
 
     storage = Storage()
     cache = load_config(preset, ["cache.max_quarantine_fraction=0.5"]).cache_uri
@@ -135,7 +145,7 @@ def test_a_finished_shared_cache_is_not_reingested_with_other_decode_settings(fa
 
 
 def test_bad_annotation_rows_are_refused_before_the_run_writes_anything(tmp_path):
-    from vdistill.coordinator import Pipeline
+    from vdistill.pipeline import Pipeline
     from vdistill.data.manifests import AnnotationError
 
     storage = Storage()

@@ -11,7 +11,7 @@ import pytest
 from vdistill.config import load_config
 from vdistill.coordinator import run_pipeline
 from vdistill.storage import Storage, join
-from vdistill.workflow import point_at_demo_data
+from vdistill.stages.dataset import point_at_demo_data
 
 # 8 classes = 2 camera shots x 4 motions: a single frame gives a quarter of the label
 FOOTAGE = ["demo.kind=footage", "demo.classes=8", "demo.train_per_class=20", "demo.test_per_class=10",

@@ -1,18 +1,23 @@
 """The evaluation protocol: seeded fresh networks, last-epoch scores, Ray seeds aggregated into mean ± std."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig
+from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig, load_config
 from vdistill.data.clips import ClipSet
+from vdistill.distill.synset import storage_mb
 from vdistill.evaluate import (TensorSource, eval_seeds, evaluate_set, format_results_table, lr_decay_epoch,
-                               storage_mb, train_and_test)
+                               train_and_test)
 
 MODEL = ModelConfig(width=32, head="adaptive")
 COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
                         [0, 255, 255], [255, 0, 255], [255, 255, 255], [0, 0, 0]], dtype=torch.float)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def colour_clips(per_class: int, seed: int, classes: int = 8) -> ClipSet:
@@ -65,22 +70,16 @@ def test_the_source_is_asked_for_a_new_set_every_epoch():
     assert len(source.generators) == 3 and all(isinstance(g, torch.Generator) for g in source.generators)
 
 
-def test_paper_protocol_pins_501_epochs_and_the_stochastic_test():
-    paper = EvaluateConfig(protocol="paper", epochs=10, test_passes=1)
+def test_paper_presets_carry_the_papers_protocol_and_overrides_win():
+    paper = load_config(CONFIGS / "miniucf_mtt_vpc1.yaml").evaluate
     assert (paper.epochs, paper.momentum, paper.weight_decay, paper.test_passes, paper.test_flip) == \
         (501, 0.9, 5e-4, 3, True)
+    assert load_config(CONFIGS / "miniucf_mtt_vpc1.yaml", ["evaluate.epochs=10"]).evaluate.epochs == 10
 
 
 def test_lr_drops_after_epoch_251_of_the_papers_501():
     assert lr_decay_epoch(501) == 251
     assert lr_decay_epoch(11) == 6  # epochs 0..6 at lr, 7..10 at lr/10
-
-
-def test_storage_is_counted_as_stored_bytes():
-    uint8, fp32 = torch.zeros(1000, dtype=torch.uint8), torch.zeros(1000)
-    assert storage_mb(uint8) == pytest.approx(0.001)
-    assert storage_mb(uint8, fp32) == pytest.approx(0.005)
-    assert storage_mb(uint8, as_float32=True) == pytest.approx(0.004)
 
 
 def test_evaluation_seeds_are_distinct_and_derived_from_the_run_seed():

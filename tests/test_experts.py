@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -9,13 +10,25 @@ import torch
 
 from vdistill.config import load_config
 from vdistill.data.ingest import MANIFEST, _write_part
-from vdistill.experts import (FAIL_ONCE_ENV, ExpertsFailed, TrajectoryReader, list_trajectories, plan_experts,
+from vdistill.experts import (ExpertJob, ExpertsFailed, TrajectoryReader, list_trajectories, plan_experts,
                               run_experts, snapshot_name, train_expert)
 from vdistill.storage import Storage, join
 
 CLASSES = ["a", "b", "c", "d"]
 EPOCHS = 3
 FAIL_EXPERT, FAIL_EPOCH = 1, 2
+
+
+class FailOnce:
+    """`on_epoch` hook: raises at the start of (expert, epoch), once: its marker file outlives the restarted worker."""
+
+    def __init__(self, marker: str, expert: int, epoch: int) -> None:
+        self.marker, self.expert, self.epoch = marker, expert, epoch
+
+    def __call__(self, job: ExpertJob, epoch: int) -> None:
+        if (job.index, epoch) == (self.expert, self.epoch) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError(f"injected failure: expert {job.index} epoch {epoch}")
 
 
 def write_tiny_cache(storage: Storage, cache_uri: str, per_class: dict[str, int], frames: int = 8,
@@ -53,13 +66,14 @@ def cache_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def video_run(ray_session, cache_root):
     """2 workers x 2 experts, with expert 1 crashing once at the start of epoch 2 (Ray Train restarts it)."""
+    from ray import cloudpickle
+
+    # By value: Ray gives workers only the driver's working directory on sys.path, so by reference the hook
+    # would unpickle only when pytest was started in the repo root (and never on a cluster).
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = tiny_config(cache_root, "video", "experts.num_experts=4", "experts.num_workers=2")
-    os.environ[FAIL_ONCE_ENV] = f"{cache_root}/fail-marker:{FAIL_EXPERT}:{FAIL_EPOCH}"
-    try:
-        uris = run_experts(cfg, Storage(), "video", progress=False)
-    finally:
-        del os.environ[FAIL_ONCE_ENV]
-    return cfg, uris
+    fail = FailOnce(f"{cache_root}/fail-marker", FAIL_EXPERT, FAIL_EPOCH)
+    return cfg, run_experts(cfg, Storage(), "video", progress=False, on_epoch=fail)
 
 
 def test_each_expert_gets_a_file_with_init_plus_one_snapshot_per_epoch(video_run):
@@ -137,7 +151,7 @@ def test_frame_experts_train_a_2d_network_on_single_frames(ray_session, cache_ro
     assert not torch.equal(reader.snapshot(0), reader.snapshot(EPOCHS))
 
 
-def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp_path, monkeypatch):
+def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp_path):
     from vdistill.data.clips import load_split
 
     storage = Storage()
@@ -148,13 +162,29 @@ def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp
                           "experts.momentum=0.9", "model.dropout=0.5")
         (job,) = plan_experts(cfg, storage, "video")
         if fail:
-            monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path}/marker:0:{EPOCHS}")
             with pytest.raises(RuntimeError, match="injected failure"):
-                train_expert(job, storage, train, test, torch.device("cpu"))
+                train_expert(job, storage, train, test, torch.device("cpu"), FailOnce(f"{tmp_path}/marker", 0, EPOCHS))
             assert storage.is_file(join(job.partial_uri, "state.safetensors"))
         trajectories.append(storage.read_tensors(train_expert(job, storage, train, test, torch.device("cpu"))))
     assert trajectories[0].keys() == trajectories[1].keys()
     assert all(torch.equal(trajectories[0][k], trajectories[1][k]) for k in trajectories[0])
+
+
+def test_input_hash_covers_the_settings_that_shape_the_trajectory_and_only_those(cache_root):
+    storage = Storage()
+
+    def hashes(name: str, *extra: str) -> dict[str, list[str]]:
+        cfg = tiny_config(cache_root, name, *extra)
+        return {kind: [job.input_hash for job in plan_experts(cfg, storage, kind)][:2] for kind in ("video", "frame")}
+
+    base = hashes("hash", "experts.num_experts=2")
+    assert base["video"][0] != base["video"][1] and base["video"][0] != base["frame"][0]
+    assert hashes("other", "experts.num_experts=3", "experts.test_every=5", "experts.num_workers=1") == base
+    assert hashes("hash", "experts.num_experts=2", "model.width_2d=16")["video"] == base["video"]
+    assert hashes("hash", "experts.num_experts=2", "model.width=16")["frame"] == base["frame"]
+    for setting in ("experts.lr=0.02", "experts.batch_size=4", "train.standardize=true", "run.seed=1"):
+        changed = hashes("hash", "experts.num_experts=2", setting)
+        assert all(changed[k][i] != base[k][i] for k in base for i in range(2)), setting
 
 
 def test_a_diverging_lr_fails_the_stage_naming_the_expert_and_the_key_then_a_sane_lr_finishes(ray_session, cache_root):

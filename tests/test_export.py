@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import vdistill
-from vdistill.export import (export_pixels, export_s2d, load_distilled, pixel_baseline_mb, render_artifact,
-                             s2d_storage)
+from vdistill.distill.synset import S2DSet, SlotLayout, pixel_baseline_mb
+from vdistill.export import export_pixels, export_s2d, load_distilled, render_artifact
 from vdistill.models import Integrator
 from vdistill.storage import Storage, join
 
@@ -115,11 +115,17 @@ def test_s2d_storage_is_accounted_per_component_against_the_pixel_baseline(tmp_p
     assert storage["ratio_to_baseline"] == pytest.approx((6 + 2 * frames) / (3 * frames), abs=2e-3)
 
 
-def test_storage_ratio_matches_method_table_for_miniucf_vpc1():
-    mb = s2d_storage(50 * 2 * 3 * 112 * 112, 50 * 2 * 16 * 112 * 112, 327, num_classes=50, vpc=1, frames=16, size=112)
-    assert mb["pixel_baseline_mb"] / 1.048576 == pytest.approx(114.8, abs=0.05)  # MiB column of method.md 5.8
-    assert mb["total_mb"] / 1.048576 == pytest.approx(90.9, abs=0.05)
-    assert mb["ratio_to_baseline"] == pytest.approx(0.79, abs=0.005)
+def test_artifact_regenerates_the_videos_the_set_trains_on(tmp_path):
+    layout = SlotLayout(C, VPC, SPS, DPS)
+    g = torch.Generator().manual_seed(0)
+    synset = S2DSet.create(layout, torch.randn(C * layout.spc, 3, S, S, generator=g), T, g)
+    t = synset.state_tensors()
+    export_s2d(Storage(), str(tmp_path), static_memory=t["static_memory"], dynamic_memory=t["dynamic_memory"],
+               integrator_state=synset.integrator.state_dict(), vpc=VPC, statics_per_slot=SPS,
+               dynamics_per_slot=DPS, classes=CLASSES, previews=False)
+    videos, labels = load_distilled(str(tmp_path))(torch.Generator().manual_seed(4))
+    expected, expected_labels = synset.all_videos(torch.Generator().manual_seed(4))
+    assert torch.equal(videos, expected.detach()) and torch.equal(labels, expected_labels)
 
 
 def test_pixel_artifact_round_trips_videos_and_labels(where):

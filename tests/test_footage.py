@@ -14,7 +14,7 @@ from vdistill.data.decode import DecodeSpec, decode_uri
 from vdistill.data.footage import MOTIONS, write_footage_dataset
 from vdistill.experts import TrajectoryReader, list_trajectories
 from vdistill.storage import Storage, join
-from vdistill.workflow import point_at_demo_data
+from vdistill.stages.dataset import point_at_demo_data
 
 
 def test_footage_classes_are_shots_played_forwards_reversed_and_fast(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from vdistill import lease as leases
 from vdistill.config import DemoConfig, load_config
-from vdistill.coordinator import Pipeline, run_identity
+from vdistill.pipeline import Pipeline, run_identity
 from vdistill.data.ingest import run_ingest
 from vdistill.data.synthetic import write_demo_dataset
 from vdistill.lease import LEASE, Lease, LeaseHeld, Owner

@@ -6,9 +6,10 @@ import time
 import pytest
 
 from vdistill.config import load_config
-from vdistill.coordinator import RunConflict, get_coordinator, run_pipeline
+from vdistill.coordinator import get_coordinator, run_pipeline
+from vdistill.pipeline import RunConflict
 from vdistill.storage import Storage, join
-from vdistill.workflow import point_at_demo_data
+from vdistill.stages.dataset import point_at_demo_data
 
 TINY = [
     "demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "demo.size=24", "demo.frames=8",
@@ -17,6 +18,7 @@ TINY = [
     "dynamic.method=mtt", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2", "dynamic.checkpoint_every=5",
     "baselines.pixel_iterations=2", "baselines.pixel_methods=[dm]", "baselines.coresets=[random]",
     "evaluate.epochs=2", "evaluate.num_eval=2", "baselines.full=false", "run.coordinator_cpus=1", "dynamic.eval_every=100",
+    "dynamic.lr_dynamic=100",  # 300 MTT iterations on 24 clips: well inside the stable range
 ]
 STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
 

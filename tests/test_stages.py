@@ -1,4 +1,4 @@
-"""Distillation loops: every expert is used, resume is exact, DM+S2D learns, optimisers follow method.md 5.1 / 7."""
+"""The distillation loop: every expert is used, resume is exact, DM+S2D learns, optimisers follow METHOD.md 5.1 / 7."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +9,7 @@ import torch
 from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import dm_loss, random_network
-from vdistill.distill.stages import ExpertCursor, MttSettings, run_dynamic_stage, run_pixel_baseline, run_static_stage
+from vdistill.distill.loop import ExpertCursor, Recipe, distill
 from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory
 from vdistill.models import ConvNet2D, ConvNet3D, flat_params
 
@@ -60,6 +60,13 @@ def dyn_cfg(**kw) -> DynamicConfig:
     return DynamicConfig(**{**base, **kw})
 
 
+def run_dynamic(method: str, synset: S2DSet, sample_real, cfg: DynamicConfig, seed: int = 0, **kwargs) -> S2DSet:
+    """The dynamic stage's loop: `cfg` as the `method`'s settings."""
+    recipe = Recipe.dynamic(cfg.model_copy(update={"method": method}))
+    return distill(synset, recipe, sample_real, torch.Generator().manual_seed(seed), "cpu", num_classes=C,
+                   model_cfg=MODEL, **kwargs)
+
+
 def test_expert_cursor_visits_every_expert_once_per_pass_in_a_fresh_order():
     cursor, g = ExpertCursor([4, 7, 9, 11]), torch.Generator().manual_seed(0)
     passes = [[cursor.next(g) for _ in range(4)] for _ in range(3)]
@@ -69,8 +76,7 @@ def test_expert_cursor_visits_every_expert_once_per_pass_in_a_fresh_order():
 
 def test_mtt_dynamic_stage_uses_every_expert_across_iterations():
     snapshot, reads = video_experts(3)
-    run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=6), "cpu", 0, model_cfg=MODEL,
-                      snapshot=snapshot, expert_ids=[0, 1, 2])
+    run_dynamic("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=6), snapshot=snapshot, expert_ids=[0, 1, 2])
     per_iteration = reads[::2]  # start and target of the same expert each iteration
     assert reads[1::2] == per_iteration
     assert Counter(per_iteration) == {0: 2, 1: 2, 2: 2}
@@ -80,14 +86,14 @@ def test_mtt_dynamic_stage_uses_every_expert_across_iterations():
 @pytest.mark.parametrize("method", ["dm", "mtt"])
 def test_dynamic_stage_resumed_from_a_checkpoint_matches_a_straight_run(method):
     snapshot, _ = video_experts(2)
-    kwargs = dict(model_cfg=MODEL, snapshot=snapshot, expert_ids=[0, 1])
-    straight = run_dynamic_stage(method, s2d_set(), class_sampler(), dyn_cfg(iterations=6), "cpu", 5, **kwargs)
+    kwargs = dict(snapshot=snapshot, expert_ids=[0, 1])
+    straight = run_dynamic(method, s2d_set(), class_sampler(), dyn_cfg(iterations=6), 5, **kwargs)
     saved: list[dict] = []
-    run_dynamic_stage(method, s2d_set(), class_sampler(), dyn_cfg(iterations=3, checkpoint_every=3), "cpu", 5,
-                      on_checkpoint=saved.append, **kwargs)
+    run_dynamic(method, s2d_set(), class_sampler(), dyn_cfg(iterations=3, checkpoint_every=3), 5,
+                on_checkpoint=saved.append, **kwargs)
     assert [s["iteration"] for s in saved] == [3]
-    resumed = run_dynamic_stage(method, s2d_set(seed=99), class_sampler(), dyn_cfg(iterations=6), "cpu", 5,
-                                state=saved[0], **kwargs)
+    resumed = run_dynamic(method, s2d_set(seed=99), class_sampler(), dyn_cfg(iterations=6), 5, state=saved[0],
+                          **kwargs)
     for name, tensor in straight.state_tensors().items():
         assert torch.equal(tensor, resumed.state_tensors()[name]), name
 
@@ -122,8 +128,7 @@ def test_dm_s2d_learns_motion_that_the_static_memory_lacks():
     before = held_out_dm_loss(synset, sample_real)
     losses: list[float] = []
     cfg = dyn_cfg(iterations=30, batch_real=8, lr_dynamic=1e4, lr_integrator=1e-2)
-    run_dynamic_stage("dm", synset, sample_real, cfg, "cpu", 0, model_cfg=MODEL,
-                      on_metrics=lambda it, m: losses.append(m["loss"]))
+    run_dynamic("dm", synset, sample_real, cfg, on_metrics=lambda it, m: losses.append(m["loss"]))
     assert len(losses) == 30
     assert held_out_dm_loss(synset, sample_real) < 0.75 * before
 
@@ -133,8 +138,8 @@ def test_dynamic_stage_optimisers_follow_the_paper_and_static_stays_frozen():
     snapshot, _ = video_experts(1)
     synset = s2d_set()
     static_before = synset.static_memory.detach().clone()
-    run_dynamic_stage("mtt", synset, class_sampler(), dyn_cfg(iterations=2, checkpoint_every=2), "cpu", 0,
-                      model_cfg=MODEL, snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
+    run_dynamic("mtt", synset, class_sampler(), dyn_cfg(iterations=2, checkpoint_every=2), snapshot=snapshot,
+                expert_ids=[0], on_checkpoint=saved.append)
     groups = {name: sd["param_groups"][0] for name, sd in saved[0]["optimizers"].items()}
     assert set(groups) == {"dynamic", "integrator", "syn_lr"}
     assert (groups["dynamic"]["lr"], groups["dynamic"]["momentum"]) == (1.0, 0.95)
@@ -147,8 +152,8 @@ def test_learned_syn_lr_is_clamped_at_min_syn_lr():
     snapshot, _ = video_experts(1)
     history: list[float] = []
     cfg = dyn_cfg(iterations=3, lr_lr=1e6, min_syn_lr=5e-3, lr_teacher=0.01)
-    synset = run_dynamic_stage("mtt", s2d_set(), class_sampler(), cfg, "cpu", 0, model_cfg=MODEL,
-                               snapshot=snapshot, expert_ids=[0], on_metrics=lambda it, m: history.append(m["syn_lr"]))
+    synset = run_dynamic("mtt", s2d_set(), class_sampler(), cfg, snapshot=snapshot, expert_ids=[0],
+                         on_metrics=lambda it, m: history.append(m["syn_lr"]))
     floor = torch.tensor(5e-3).item()  # 5e-3 as float32 holds it
     assert min(history) == floor and float(synset.syn_lr.detach()) >= floor
 
@@ -159,13 +164,9 @@ def test_evaluation_hook_gets_a_source_every_eval_every_and_at_the_end():
     def on_eval(iteration, source):
         videos, labels = source(torch.Generator().manual_seed(0))
         calls.append((iteration, videos.shape[0]))
-        return {"best_top1": float(iteration)}
 
-    saved: list[dict] = []
-    run_dynamic_stage("dm", s2d_set(vpc=2), class_sampler(), dyn_cfg(iterations=5, eval_every=2, checkpoint_every=4),
-                      "cpu", 0, model_cfg=MODEL, on_eval=on_eval, on_checkpoint=saved.append)
+    run_dynamic("dm", s2d_set(vpc=2), class_sampler(), dyn_cfg(iterations=5, eval_every=2), on_eval=on_eval)
     assert calls == [(2, 6), (4, 6), (5, 6)]
-    assert saved[0]["best"] == {"best_top1": 4.0} and saved[-1]["best"] == {"best_top1": 5.0}
 
 
 @pytest.mark.parametrize("method", ["dm", "dc", "mtt"])
@@ -174,9 +175,12 @@ def test_static_stage_distils_class_major_images(method):
     layout = SlotLayout(C, 1)
     losses: list[float] = []
     cfg = StaticConfig(method=method, iterations=3, batch_real=4, lr=0.1)
-    static = run_static_stage(method, class_sampler(), cfg, layout, SIZE, "cpu", 0, model_cfg=MODEL,
-                              snapshot=snapshot, expert_ids=[0, 1], mtt=MttSettings(syn_steps=2, max_start_epoch=2),
-                              on_metrics=lambda it, m: losses.append(m["loss"]))
+    g = torch.Generator().manual_seed(0)
+    stills = PixelSet(init_static_memory(layout, SIZE, "real", g, class_sampler()), C)
+    distill(stills, Recipe.static(cfg, dyn_cfg(syn_steps=2, max_start_epoch=2)), class_sampler(), g, "cpu",
+            num_classes=C, model_cfg=MODEL, snapshot=snapshot, expert_ids=[0, 1],
+            on_metrics=lambda it, m: losses.append(m["loss"]))
+    static = stills.videos.detach()
     initial = init_static_memory(layout, SIZE, "real", torch.Generator().manual_seed(0), class_sampler())
     assert static.shape == (C * 2, 3, SIZE, SIZE) and not static.requires_grad
     assert len(losses) == 3 and not torch.equal(static, initial)
@@ -188,9 +192,9 @@ def test_pixel_baseline_updates_pixels_with_momentum_half(method):
     pixels = PixelSet.from_real(class_sampler(), C, 1, torch.Generator().manual_seed(0))
     before = pixels.videos.detach().clone()
     saved: list[dict] = []
-    lr = BaselinesConfig().pixel_lr_dm if method == "dm" else BaselinesConfig().pixel_lr_mtt
-    run_pixel_baseline(method, pixels, class_sampler(), dyn_cfg(checkpoint_every=2), lr, 2, "cpu", 0,
-                       model_cfg=MODEL, snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
+    recipe = Recipe.pixels(method, BaselinesConfig(pixel_iterations=2), dyn_cfg(method=method, checkpoint_every=2))
+    distill(pixels, recipe, class_sampler(), torch.Generator().manual_seed(0), "cpu", num_classes=C, model_cfg=MODEL,
+            snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
     assert not torch.equal(pixels.videos, before)
     momenta = {name: sd["param_groups"][0]["momentum"] for name, sd in saved[0]["optimizers"].items()}
     assert momenta == ({"pixels": 0.5} if method == "dm" else {"pixels": 0.5, "syn_lr": 0.5})
@@ -201,34 +205,33 @@ def test_dynamic_stage_leaves_the_global_rng_alone(method):
     snapshot, _ = video_experts(1)
     synset = s2d_set()
     before = torch.random.get_rng_state()
-    run_dynamic_stage(method, synset, class_sampler(), dyn_cfg(iterations=2), "cpu", 0, model_cfg=MODEL,
-                      snapshot=snapshot, expert_ids=[0])
+    run_dynamic(method, synset, class_sampler(), dyn_cfg(iterations=2), snapshot=snapshot, expert_ids=[0])
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_zero_iteration_pixel_baseline_evaluates_the_real_initialisation():
     pixels = PixelSet.from_real(class_sampler(), C, 1, torch.Generator().manual_seed(0))
     calls: list[int] = []
-    run_pixel_baseline("dm", pixels, class_sampler(), dyn_cfg(), 1.0, 0, "cpu", 0, model_cfg=MODEL,
-                       on_eval=lambda it, source: calls.append(it))
+    recipe = Recipe.pixels("dm", BaselinesConfig(pixel_iterations=0), dyn_cfg(method="dm"))
+    distill(pixels, recipe, class_sampler(), torch.Generator().manual_seed(0), "cpu", num_classes=C, model_cfg=MODEL,
+            on_eval=lambda it, source: calls.append(it))
     assert calls == [0]
 
 
 def test_mtt_names_the_expert_and_epochs_of_a_segment_that_did_not_move():
     frozen = flat_params(ConvNet3D(C, T, SIZE, width=8, head="adaptive"))
     with pytest.raises(ValueError, match=r"expert 0: the snapshots of epochs \d and \d are identical"):
-        run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1), "cpu", 0, model_cfg=MODEL,
-                          snapshot=lambda expert, epoch: frozen.clone(), expert_ids=[0])
+        run_dynamic("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1),
+                    snapshot=lambda expert, epoch: frozen.clone(), expert_ids=[0])
 
 
 def test_mtt_names_a_diverged_expert_and_the_key_to_lower():
     snapshot, _ = video_experts(1)
     with pytest.raises(FloatingPointError, match=r"expert 0 has non-finite weights.*lower experts.lr"):
-        run_dynamic_stage("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1), "cpu", 0, model_cfg=MODEL,
-                          snapshot=lambda expert, epoch: snapshot(expert, epoch) * float("nan"), expert_ids=[0])
+        run_dynamic("mtt", s2d_set(), class_sampler(), dyn_cfg(iterations=1),
+                    snapshot=lambda expert, epoch: snapshot(expert, epoch) * float("nan"), expert_ids=[0])
 
 
 def test_a_non_finite_distillation_stops_naming_the_stage_iteration_and_keys():
     with pytest.raises(FloatingPointError, match=r"dynamic stage \(dm\).*iteration \d.*lower dynamic.lr_dynamic"):
-        run_dynamic_stage("dm", s2d_set(), class_sampler(), dyn_cfg(iterations=2, lr_dynamic=1e30), "cpu", 0,
-                          model_cfg=MODEL)
+        run_dynamic("dm", s2d_set(), class_sampler(), dyn_cfg(iterations=2, lr_dynamic=1e30))

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from vdistill.config import DynamicConfig
 from vdistill.data.pixels import to_model_input
-from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory, random_real_frames
+from vdistill.distill.synset import (PixelSet, S2DSet, SlotLayout, init_static_memory, random_real_frames,
+                                     s2d_storage, storage_mb)
 
 C, T, SIZE = 3, 4, 8
 
@@ -98,18 +101,23 @@ def test_static_memory_is_frozen_by_default():
     assert "static" not in synset.trainable()
 
 
-def test_storage_accounting_counts_each_component():
-    synset = make_set(vpc=2)
-    floats = synset.storage_floats()
-    assert floats["static_memory"] == C * 4 * 3 * SIZE * SIZE
-    assert floats["dynamic_memory"] == C * 4 * T * SIZE * SIZE
-    assert floats["integrator"] == 327
-    assert floats["total"] == floats["static_memory"] + floats["dynamic_memory"] + 327
+def test_storage_ratio_matches_method_table_for_miniucf_vpc1():
+    mb = s2d_storage(50 * 2 * 3 * 112 * 112, 50 * 2 * 16 * 112 * 112, 327, num_classes=50, vpc=1, frames=16, size=112)
+    assert mb["pixel_baseline_mb"] / 1.048576 == pytest.approx(114.8, abs=0.05)  # MiB column of method.md 5.8
+    assert mb["total_mb"] / 1.048576 == pytest.approx(90.9, abs=0.05)
+    assert mb["ratio_to_baseline"] == pytest.approx(0.79, abs=0.005)
+
+
+def test_storage_counts_stored_bytes_or_fp32_like_the_paper():
+    clips = torch.zeros(2, T, SIZE, SIZE, 3, dtype=torch.uint8)
+    assert storage_mb(clips) == clips.numel() / 1e6
+    assert storage_mb(clips, as_float32=True) == storage_mb(clips.float()) == 4 * clips.numel() / 1e6
 
 
 def test_state_tensors_round_trip_to_the_same_videos():
     synset = make_set()
-    clone = S2DSet.from_tensors(synset.layout, synset.state_tensors())
+    clone = make_set(seed=1)
+    clone.load_state_tensors(synset.state_tensors())
     a, _ = synset.all_videos(torch.Generator().manual_seed(5))
     b, _ = clone.all_videos(torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
@@ -127,6 +135,23 @@ def test_evaluation_source_pickles_and_repairs_on_every_call_without_graph():
     expected, _ = synset.all_videos(torch.Generator().manual_seed(0))
     assert torch.allclose(first, expected.detach())
     assert source.syn_lr == pytest.approx(0.01)
+
+
+def test_pixel_source_pickles_and_keeps_the_videos_and_learned_lr():
+    pixels = PixelSet(torch.randn(C * 2, T, 3, SIZE, SIZE), C, syn_lr=0.05)
+    source = pickle.loads(pickle.dumps(pixels.source()))
+    videos, labels = source(torch.Generator())
+    assert torch.equal(videos, pixels.videos.detach()) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert source.syn_lr == pytest.approx(0.05)
+
+
+def test_sources_do_not_import_the_artifact_layer():
+    code = ("import sys, torch\n"
+            "from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout\n"
+            "S2DSet.create(SlotLayout(1, 1), torch.zeros(2, 3, 4, 4), 2, torch.Generator()).source()\n"
+            "PixelSet(torch.zeros(1, 2, 3, 4, 4), 1).source()\n"
+            "assert 'vdistill.export' not in sys.modules, 'synset imported export'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_pixel_set_starts_from_real_clips_of_each_class():

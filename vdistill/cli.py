@@ -28,7 +28,6 @@ PIPELINE_COMMANDS = {
     "ingest": ("ingest", "decode videos from storage into the Parquet clip cache"),
     "experts": ("experts", "train expert trajectories on Ray Train (ingests first if needed)"),
     "distill": ("distill", "static and dynamic distillation stages (and earlier stages if needed)"),
-    "export": ("export", "evaluate and export the distilled artifact (runs what is missing first)"),
 }
 
 

@@ -108,7 +108,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """One epoch loop shared by experts, evaluation and the full-data baseline."""
 
-    standardize: bool = Field(False, description="per-batch (x-mean)/std like the original code (method.md 1.2)")
+    standardize: bool = Field(False, description="per-batch (x-mean)/std like the original code (METHOD.md 1.2)")
     augment: bool = Field(False, description="differentiable clip augmentation (crop/flip/scale/rotate/colour)")
 
 
@@ -128,7 +128,8 @@ class ExpertsConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    protocol: Literal["paper", "fast"] = "fast"
+    """Defaults are a fast protocol for tiny sets; the paper's (METHOD.md 6) is the preset configs/_paper.yaml."""
+
     num_eval: int = Field(3, ge=1)
     epochs: int = Field(200, ge=1)
     lr: float = Field(0.01, gt=0)
@@ -145,14 +146,6 @@ class EvaluateConfig(_Section):
     coreset_embedder: Literal["random", "expert"] = "random"
     cpus_per_task: float = Field(1.0, gt=0)
     gpus_per_task: float = Field(0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _paper_protocol(self) -> "EvaluateConfig":
-        """`protocol: paper` pins method.md section 6 regardless of the fast defaults."""
-        if self.protocol == "paper":
-            for key, value in dict(epochs=501, momentum=0.9, weight_decay=5e-4, test_passes=3, test_flip=True).items():
-                object.__setattr__(self, key, value)
-        return self
 
 
 class StaticConfig(_Section):

@@ -2,7 +2,7 @@
 
 Herding and k-center compare clips by the `.embed()` features of a network in eval mode: a randomly
 initialised ConvNet3D with an explicit seed (the original's default) or a given model such as an
-expert. K-center is the correct greedy farthest-point rule (method.md section 7, W-2: the original's
+expert. K-center is the correct greedy farthest-point rule (METHOD.md section 7, W-2: the original's
 distance collapses to a scalar, so its 2nd centre is always sample 0 and k >= 3 crashes).
 """
 from __future__ import annotations

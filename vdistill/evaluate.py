@@ -1,22 +1,22 @@
 """The evaluation protocol: train fresh networks on a (synthetic or coreset) set, score them on the real test split.
 
 Every number in a results table comes from here, so the protocol is pinned in one place
-(method.md section 6):
+(METHOD.md section 6):
 
 - `num_eval` fresh networks per architecture, each seeded explicitly (seeds recorded), trained as
   independent Ray tasks; the test split is put in the object store once.
 - SGD (momentum, weight decay from `cfg.evaluate`), cross-entropy, dropout on, batch `batch_size`.
-- With E = `epochs` (501 under `protocol: paper`, i.e. the paper's epochs 0..500), the learning rate
+- With E = `epochs` (501 in configs/_paper.yaml, i.e. the paper's epochs 0..500), the learning rate
   drops x0.1 after the epoch with index `(E - 1) // 2 + 1` (251) by RE-CREATING the optimizer, which
   resets momentum, exactly as the original does.
 - The source is asked for a fresh `(videos, labels)` every epoch (an S2D set re-pairs statics and
   dynamics each epoch).
-- The test split is scored once, after the LAST epoch (never the best epoch on test, W-9), with
+- The test split is scored once, after the LAST epoch (never the best epoch on test, METHOD.md W-9), with
   `test_passes` passes and random flips when `test_flip` (paper: 3 passes, flips; the original also
   re-draws each test clip's start frame, our cached clips are fixed). Top-1 and top-5 are separate
-  fields (W-3); the table reports mean ± population std over seeds.
-- Storage is counted as stored bytes (`storage_mb`); callers pick `as_float32=True` to compare with
-  the paper's fp32 accounting of real clips.
+  fields (METHOD.md W-3); the table reports mean ± population std over seeds.
+- Callers pass each set's storage (`synset.storage_mb`: stored bytes, or fp32 like the paper's
+  accounting of synthetic sets with `as_float32=True`); it is reported next to the accuracies.
 
 `launch_evaluation` submits the tasks and returns at once; `evaluate_set` waits for them.
 """
@@ -61,15 +61,6 @@ class TensorSource:
 
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.videos, self.labels
-
-
-def storage_mb(*tensors: torch.Tensor, as_float32: bool = False) -> float:
-    """Megabytes (10^6 bytes) of tensors AS STORED: fp32 synthetic sets count 4 bytes/value, uint8 clips 1.
-
-    Counting the stored bytes is what a user pays for; `as_float32=True` counts every value as fp32,
-    which is how the paper's storage column (method.md 5.8) treats real clips too.
-    """
-    return sum(t.numel() * (4 if as_float32 else t.element_size()) for t in tensors) / 1e6
 
 
 def eval_seeds(run_seed: int, count: int) -> list[int]:
@@ -191,7 +182,7 @@ def launch_evaluation(
     epochs: int | None = None,
 ) -> PendingEvaluation:
     """Submit `cfg.evaluate.num_eval` seeds x each model in `models` (default `cfg.evaluate.models`) as Ray
-    tasks and return at once, so evaluation stays off the distillation's critical path (W-17d).
+    tasks and return at once, so evaluation stays off the distillation's critical path (METHOD.md W-17d).
 
     `source` is an EpochSource or a `(videos, labels)` pair; `lr` overrides `cfg.evaluate.lr` (e.g. a
     learned synthetic lr); `epochs` overrides `cfg.evaluate.epochs` (e.g. the full-data baseline).

@@ -3,17 +3,18 @@
 MTT needs, per iteration, two snapshots of one expert (`epoch_s` and `epoch_{s+expert_epochs}`).
 Each expert therefore lives in its own safetensors file `<run>/experts/<kind>/expert_<k:03d>.safetensors`
 with one flat float32 tensor `(P,)` per epoch (`epoch_000` = the initial weights), so a reader fetches
-only the byte ranges it needs (method.md W-18) and nothing is unpickled (W-22). Snapshots are copies
-of the weights, never views (W-23). Every expert is written (no `save_interval` drop, W-21).
+only the byte ranges it needs (METHOD.md W-18) and nothing is unpickled (METHOD.md W-22). Snapshots are copies
+of the weights, never views (METHOD.md W-23). Every expert is written (no `save_interval` drop, METHOD.md W-21).
 
 Experts are independent, not data-parallel: Ray Train runs `experts.num_workers` workers, worker r
 trains experts r, r + W, r + 2W, ... sequentially, each on the whole training split, with no gradient
 all-reduce (no DDP). Fractional `experts.gpus_per_worker` lets several small experts share one GPU.
 
-Resume (W-16): after every epoch a worker writes the new snapshot plus the expert's optimizer and RNG
-state under `partial/`, so a crashed worker restarted by Ray Train (FailureConfig) or a re-submitted run
-continues from the last finished epoch, bit for bit. Finished experts are never retrained, and a run
-whose experts are all complete returns without starting Ray Train.
+Resume (METHOD.md W-16): after every epoch a worker writes the new snapshot plus the expert's optimizer and RNG
+state (`vdistill.checkpoint`, the format the distillation loops use) under `partial/`, so a crashed worker
+restarted by Ray Train (FailureConfig) or a re-submitted run continues from the last finished epoch, bit
+for bit. Finished experts are never retrained, and a run whose experts are all complete returns without
+starting Ray Train.
 """
 from __future__ import annotations
 
@@ -25,44 +26,41 @@ import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from vdistill.config import Config, ModelConfig
+from vdistill.checkpoint import load_state, save_state
+from vdistill.config import Config, ExpertsConfig, ModelConfig, TrainConfig
 from vdistill.errors import UserError
 from vdistill.storage import Storage, join
 
 KINDS = ("video", "frame")
 FORMAT = "vdistill.trajectory/1"
-FAIL_ONCE_ENV = "VDISTILL_TEST_FAIL_ONCE"  # "<marker path>:<expert>:<epoch>": test-only fault injection
 _EXPERT_FILE = re.compile(r"expert_\d{3}\.safetensors$")
+_PARTIAL_SNAPSHOT = re.compile(r"/expert_(\d{3})/epoch_\d{3}\.safetensors$")
 
 log = logging.getLogger("vdistill.experts")
 
 
 @dataclass(frozen=True)
 class ExpertJob:
-    """Everything needed to train (or resume) one expert; picklable, so it travels to Ray Train workers."""
+    """One expert to train or resume: the config sections it reads plus what is its own; picklable for Ray."""
 
     kind: str
     index: int
     seed: int
     epochs: int
-    lr: float
-    momentum: float
-    batch_size: int
-    model_name: str
-    model_cfg: ModelConfig
+    experts: ExpertsConfig
+    model: ModelConfig
+    train: TrainConfig
     classes: tuple[str, ...]
     frames: int
     size: int
-    standardize: bool
-    augment: bool
-    test_every: int
     out_uri: str
     cache_uri: str
     train_split: str
@@ -83,21 +81,42 @@ class ExpertJob:
         return join(self.out_uri, "failed", f"expert_{self.index:03d}.json")
 
     @property
+    def model_name(self) -> str:
+        return "convnet2d" if self.kind == "frame" else self.model.name
+
+    @property
     def model_spec(self) -> dict[str, Any]:
         """The model settings this kind uses (a 2-D setting never invalidates video experts, and back)."""
-        m = self.model_cfg
+        m = self.model
         if self.kind == "frame":
             return {"name": self.model_name, "width": m.width_2d, "depth": m.depth_2d}
         return {"name": self.model_name, "width": m.width, "head": m.head, "dropout": m.dropout}
 
     @property
     def input_hash(self) -> str:
-        """Identity of the trajectory: a finished file with another hash was made with other settings."""
-        fields = asdict(self)
-        fields["model_cfg"] = self.model_spec
-        for volatile in ("index", "out_uri", "test_every"):
-            fields.pop(volatile)
+        """Identity of the trajectory: a finished file with another hash was made with other settings.
+
+        Exactly the settings the weights depend on (not index, folder or test_every), under the keys
+        earlier versions hashed, so experts finished by them keep their hash.
+        """
+        e, t = self.experts, self.train
+        fields = {
+            "kind": self.kind, "seed": self.seed, "epochs": self.epochs, "lr": e.lr, "momentum": e.momentum,
+            "batch_size": e.batch_size, "model_name": self.model_name, "model_cfg": self.model_spec,
+            "classes": self.classes, "frames": self.frames, "size": self.size, "standardize": t.standardize,
+            "augment": t.augment, "cache_uri": self.cache_uri, "train_split": self.train_split,
+            "test_split": self.test_split, "manifest_hash": self.manifest_hash,
+        }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def build_model(self) -> nn.Module:
+        from vdistill.models import build_model
+
+        return build_model(self.model_name, len(self.classes), self.frames, self.size, self.model)
+
+
+# `hook(job, epoch)`, called before each epoch is trained; it must pickle, as it travels to the Ray workers.
+EpochHook = Callable[[ExpertJob, int], None]
 
 
 def snapshot_name(epoch: int) -> str:
@@ -122,18 +141,16 @@ def plan_experts(cfg: Config, storage: Storage, kind: str) -> list[ExpertJob]:
     manifest = read_manifest(storage, cfg.cache_uri)
     manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = trajectory_dir(cfg.run_uri, kind)
-    e = cfg.experts
+    # Copies: a planned job is frozen, so a later change to cfg must not change its hash.
+    experts, model, train = cfg.experts.model_copy(), cfg.model.model_copy(), cfg.train.model_copy()
     return [
         ExpertJob(
             kind=kind, index=k, seed=expert_seed(cfg.run.seed, kind, k), epochs=cfg.expert_epochs_to_train,
-            lr=e.lr, momentum=e.momentum, batch_size=e.batch_size,
-            model_name=cfg.model.name if kind == "video" else "convnet2d", model_cfg=cfg.model,
-            classes=tuple(manifest["classes"]), frames=int(manifest["frames"]), size=int(manifest["size"]),
-            standardize=cfg.train.standardize, augment=cfg.train.augment, test_every=e.test_every,
-            out_uri=out, cache_uri=cfg.cache_uri, train_split=cfg.data.train_split,
-            test_split=cfg.data.test_split, manifest_hash=manifest_hash,
+            experts=experts, model=model, train=train, classes=tuple(manifest["classes"]),
+            frames=int(manifest["frames"]), size=int(manifest["size"]), out_uri=out, cache_uri=cfg.cache_uri,
+            train_split=cfg.data.train_split, test_split=cfg.data.test_split, manifest_hash=manifest_hash,
         )
-        for k in range(e.num_experts)
+        for k in range(experts.num_experts)
     ]
 
 
@@ -183,10 +200,11 @@ class ExpertDiverged(FloatingPointError):
     """An expert's loss or weights became non-finite: it is never written as finished."""
 
     def __init__(self, job: ExpertJob, epoch: int, loss: float) -> None:
+        lr = job.experts.lr
         super().__init__(
             f"{job.kind} expert {job.index} diverged in epoch {epoch}/{job.epochs} (training loss {loss:.4g}, "
-            f"non-finite loss or weights) with experts.lr={job.lr:g}; lower experts.lr (e.g. "
-            f"experts.lr={job.lr / 10:g}) and run the same command again")
+            f"non-finite loss or weights) with experts.lr={lr:g}; lower experts.lr (e.g. "
+            f"experts.lr={lr / 10:g}) and run the same command again")
 
 
 # ---- training one expert ----------------------------------------------------------------------------------
@@ -211,10 +229,11 @@ def _select_inputs(kind: str, videos: torch.Tensor, generator: torch.Generator) 
 
 
 def _metadata(job: ExpertJob, model: nn.Module, progress: _Progress) -> dict[str, str]:
+    e, t = job.experts, job.train
     meta = {
         "format": FORMAT, "kind": job.kind, "index": job.index, "seed": job.seed, "epochs": job.epochs,
-        "lr": job.lr, "momentum": job.momentum, "batch_size": job.batch_size, "standardize": job.standardize,
-        "augment": job.augment,
+        "lr": e.lr, "momentum": e.momentum, "batch_size": e.batch_size, "standardize": t.standardize,
+        "augment": t.augment,
         "model": {**job.model_spec, "num_classes": len(job.classes), "frames": job.frames, "size": job.size},
         "classes": list(job.classes), "clip_shape": [job.frames, job.size, job.size, 3],
         "param_names": [n for n, _ in model.named_parameters()],
@@ -225,68 +244,51 @@ def _metadata(job: ExpertJob, model: nn.Module, progress: _Progress) -> dict[str
     return {"meta": json.dumps(meta)}
 
 
-def _rng_tensors(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """The expert's shuffling generator and the global streams (init, dropout) it forked."""
-    out = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+def _partial_snapshot_uri(job: ExpertJob, epoch: int) -> str:
+    return join(job.partial_uri, f"{snapshot_name(epoch)}.safetensors")
+
+
+def _partial_state_uri(job: ExpertJob) -> str:
+    return join(job.partial_uri, "state.safetensors")
+
+
+def _write_partial(storage: Storage, job: ExpertJob, snapshot: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   generator: torch.Generator, device: torch.device, progress: _Progress) -> None:
+    """Snapshot first, then the state that points at it: a crash in between leaves the previous epoch valid.
+
+    The RNG states are the expert's shuffling generator and the global streams (init, dropout) it forked.
+    """
+    storage.write_tensors(_partial_snapshot_uri(job, progress.epoch), {"params": snapshot})
+    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return out
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    save_state(storage, _partial_state_uri(job), {
+        "input_hash": job.input_hash, "optimizer": optimizer.state_dict(), "rng": rng,
+        "history": progress.history, "attempts": progress.attempts,
+    })
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {f"optim.{i}.{key}": value for i, state in optimizer.state_dict()["state"].items()
-            for key, value in state.items() if torch.is_tensor(value)}
+def _resume(storage: Storage, job: ExpertJob, model: nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, device: torch.device) -> tuple[list[torch.Tensor], _Progress] | None:
+    """Load a partial expert into model, optimizer and RNGs -> (snapshots 0..e, progress); None if absent or
+    from other settings (then it is deleted)."""
+    from vdistill.models import load_flat_
 
-
-def _restore(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator,
-             device: torch.device) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({**optimizer.state_dict(), "state": state})
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-
-
-def _write_partial(storage: Storage, job: ExpertJob, model: nn.Module, snapshot: torch.Tensor,
-                   optimizer: torch.optim.Optimizer, generator: torch.Generator, device: torch.device,
-                   progress: _Progress) -> None:
-    """Snapshot first, then the state that points at it: a crash in between leaves the previous epoch valid."""
-    storage.write_tensors(join(job.partial_uri, f"{snapshot_name(progress.epoch)}.safetensors"), {"params": snapshot})
-    storage.write_tensors(join(job.partial_uri, "state.safetensors"),
-                          {**_optimizer_tensors(optimizer), **_rng_tensors(generator, device)},
-                          _metadata(job, model, progress))
-
-
-def _read_partial(storage: Storage, job: ExpertJob) -> tuple[dict[str, torch.Tensor], list[torch.Tensor],
-                                                              _Progress] | None:
-    """(state tensors, snapshots 0..e, progress) of a partial expert, or None if absent or from other settings."""
-    state_uri = join(job.partial_uri, "state.safetensors")
-    if not storage.is_file(state_uri):
+    state = load_state(storage, _partial_state_uri(job))
+    if state is None:
         return None
-    meta = json.loads(storage.read_tensor_metadata(state_uri)["meta"])
-    if meta["input_hash"] != job.input_hash:
+    if state["input_hash"] != job.input_hash:
         storage.delete(job.partial_uri)
         return None
-    progress = _Progress(history=meta["history"], attempts=meta["attempts"])
-    snapshots = [storage.read_tensors(join(job.partial_uri, f"{snapshot_name(e)}.safetensors"))["params"]
-                 for e in range(progress.epoch + 1)]
-    return storage.read_tensors(state_uri), snapshots, progress
-
-
-def _maybe_fail_once(index: int, epoch: int) -> None:
-    """Test-only fault injection (VDISTILL_TEST_FAIL_ONCE=<marker>:<expert>:<epoch>): raise once, before training."""
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec:
-        return
-    marker, k, e = spec.rsplit(":", 2)
-    if (int(k), int(e)) == (index, epoch) and not os.path.exists(marker):
-        open(marker, "w").close()
-        raise RuntimeError(f"injected failure: expert {index} epoch {epoch} ({FAIL_ONCE_ENV})")
+    progress = _Progress(history=state["history"], attempts=state["attempts"])
+    snapshots = [storage.read_tensors(_partial_snapshot_uri(job, e))["params"] for e in range(progress.epoch + 1)]
+    load_flat_(model, snapshots[-1])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return snapshots, progress
 
 
 def _build_augment(enabled: bool) -> Callable | None:
@@ -298,58 +300,55 @@ def _build_augment(enabled: bool) -> Callable | None:
 
 
 def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.device,
-                 on_epoch: Callable[[ExpertJob, dict[str, Any]], None] | None = None) -> str:
+                 on_epoch: EpochHook | None = None) -> str:
     """Train (or finish) one expert on `train`, test on `test` (ClipSets), write its trajectory; -> file URI.
 
     Init, dropout and shuffling draw from streams seeded by `job.seed` inside a forked global RNG, and
     their states are saved every epoch, so a resumed expert continues exactly where it stopped.
     """
-    from vdistill.models import build_model, flat_params, load_flat_
+    from vdistill.models import flat_params
     from vdistill.train import test_accuracy, train_epoch
 
     if is_complete(storage, job):
         return job.uri
+    e, t = job.experts, job.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(job.seed)
         generator = torch.Generator().manual_seed(job.seed)
         train_x = _select_inputs(job.kind, train.videos, generator)
         test_x = _select_inputs(job.kind, test.videos, generator)
-        model = build_model(job.model_name, len(job.classes), job.frames, job.size, job.model_cfg).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum)
-        augment = _build_augment(job.augment)
-        saved = _read_partial(storage, job)
-        if saved is None:
-            snapshots, progress = [flat_params(model).cpu()], _Progress(history=[], attempts=[])
-            progress.attempts.append(0)
-            _write_partial(storage, job, model, snapshots[0], optimizer, generator, device, progress)
+        model = job.build_model().to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=e.lr, momentum=e.momentum)
+        augment = _build_augment(t.augment)
+        resumed = _resume(storage, job, model, optimizer, generator, device)
+        if resumed is None:
+            snapshots, progress = [flat_params(model).cpu()], _Progress(history=[], attempts=[0])
+            _write_partial(storage, job, snapshots[0], optimizer, generator, device, progress)
         else:
-            tensors, snapshots, progress = saved
-            load_flat_(model, snapshots[-1])
-            _restore(tensors, optimizer, generator, device)
+            snapshots, progress = resumed
             progress.attempts.append(progress.epoch)
             log.info("expert %s/%03d resumes after epoch %d", job.kind, job.index, progress.epoch)
         for epoch in range(progress.epoch + 1, job.epochs + 1):
-            _maybe_fail_once(job.index, epoch)
+            if on_epoch is not None:
+                on_epoch(job, epoch)
             start = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch, **train_epoch(
-                model, train_x, train.labels, optimizer, batch_size=job.batch_size, device=device,
-                generator=generator, standardize=job.standardize, augment=augment)}
+                model, train_x, train.labels, optimizer, batch_size=e.batch_size, device=device,
+                generator=generator, standardize=t.standardize, augment=augment)}
             record["train_seconds"] = time.perf_counter() - start
             snapshot = flat_params(model).cpu()
             if not (math.isfinite(record["loss"]) and bool(torch.isfinite(snapshot).all())):
                 raise ExpertDiverged(job, epoch, record["loss"])
-            if epoch == job.epochs or (job.test_every and epoch % job.test_every == 0):
-                record.update(test_accuracy(model, test_x, test.labels, batch_size=job.batch_size, device=device,
-                                            standardize=job.standardize))
+            if epoch == job.epochs or (e.test_every and epoch % e.test_every == 0):
+                record.update(test_accuracy(model, test_x, test.labels, batch_size=e.batch_size, device=device,
+                                            standardize=t.standardize))
             record["finished_at"] = time.time()  # wall clock: lets benchmarks split startup from training
             snapshots.append(snapshot)
             progress.history.append(record)
-            _write_partial(storage, job, model, snapshots[-1], optimizer, generator, device, progress)
+            _write_partial(storage, job, snapshots[-1], optimizer, generator, device, progress)
             log.info("expert %s/%03d epoch %d/%d %s", job.kind, job.index, epoch, job.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "finished_at")))
-            if on_epoch is not None:
-                on_epoch(job, record)
-        storage.write_tensors(job.uri, {snapshot_name(e): s for e, s in enumerate(snapshots)},
+        storage.write_tensors(job.uri, {snapshot_name(i): s for i, s in enumerate(snapshots)},
                               _metadata(job, model, progress))
     storage.delete(job.partial_uri)
     return job.uri
@@ -381,27 +380,31 @@ def _expert_worker(config: dict[str, Any]) -> None:
     test = load_split(storage, jobs[0].cache_uri, jobs[0].test_split)
     for job in jobs:
         try:
-            train_expert(job, storage, train, test, device)
+            train_expert(job, storage, train, test, device, config["on_epoch"])
         except ExpertDiverged as exc:  # retrying cannot help (training is deterministic): report, go on
             storage.write_json(job.failure_uri, {"error": str(exc)})
 
 
-def _epochs_done(storage: Storage, job: ExpertJob) -> int:
-    if storage.is_file(job.uri):
-        return job.epochs
-    state_uri = join(job.partial_uri, "state.safetensors")
-    if not storage.is_file(state_uri):
-        return 0
-    return len(json.loads(storage.read_tensor_metadata(state_uri)["meta"])["history"])
-
-
 class _ProgressPoller:
-    """Driver-side tqdm bar fed by polling the experts' partial files (workers never talk to the driver)."""
+    """Driver-side tqdm bar fed by listing the experts' files: two LISTs per poll, however many experts.
+
+    Not `ray.train.report`: in Ray Train V2 every report is a barrier of all ranks, and the ranks here
+    train different numbers of epochs (resumed, diverged, uneven shares), which would hang or lock-step
+    them; and its callbacks run in the Ray Train controller actor, not in this process.
+    """
 
     def __init__(self, storage: Storage, jobs: list[ExpertJob], enabled: bool, interval_s: float = 2.0) -> None:
         self.storage, self.jobs, self.enabled, self.interval_s = storage, jobs, enabled, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _epochs_done(self) -> int:
+        """Finished experts count whole; partial ones by their snapshot files (epoch_000 is the init)."""
+        out = self.jobs[0].out_uri
+        finished = set(self.storage.list_files(out, recursive=False))
+        snapshots = Counter(int(m.group(1)) for uri in self.storage.list_files(join(out, "partial"))
+                            if (m := _PARTIAL_SNAPSHOT.search(uri)))
+        return sum(job.epochs if job.uri in finished else max(0, snapshots[job.index] - 1) for job in self.jobs)
 
     def _loop(self) -> None:
         from tqdm import tqdm
@@ -409,8 +412,8 @@ class _ProgressPoller:
         with tqdm(total=sum(j.epochs for j in self.jobs), desc=f"{self.jobs[0].kind} experts", unit="epoch") as bar:
             while True:
                 try:
-                    bar.update(sum(_epochs_done(self.storage, j) for j in self.jobs) - bar.n)
-                except (OSError, KeyError, ValueError):  # a file replaced while read: next poll sees it
+                    bar.update(self._epochs_done() - bar.n)
+                except OSError:  # a folder deleted while listed: the next poll sees it
                     pass
                 if self._stop.wait(self.interval_s):
                     return
@@ -426,7 +429,7 @@ class _ProgressPoller:
             self._thread.join()
 
 
-def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -> None:
+def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool, on_epoch: EpochHook | None) -> None:
     """One Ray Train run over the unfinished experts; Ray Train restarts failed workers, which resume."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -434,11 +437,9 @@ def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -
     e = cfg.experts
     resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
     fs, path = storage.resolve(join(jobs[0].out_uri, "_ray_train"))
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true",
-           **{k: v for k, v in os.environ.items() if k.startswith("VDISTILL_")}}
     trainer = TorchTrainer(
         _expert_worker,
-        train_loop_config={"jobs": jobs, "storage": storage, "device": cfg.run.device,
+        train_loop_config={"jobs": jobs, "storage": storage, "device": cfg.run.device, "on_epoch": on_epoch,
                            "use_gpu": e.gpus_per_worker > 0, "threads": max(1, int(e.cpus_per_worker))},
         # gloo: no collective ever runs, and NCCL would refuse several ranks sharing one GPU.
         torch_config=TorchConfig(backend="gloo"),
@@ -446,7 +447,7 @@ def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool) -
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"{jobs[0].kind}-{jobs[0].input_hash}-{int(time.time())}", storage_path=path,
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=e.max_failures),
-                             worker_runtime_env={"env_vars": env}),
+                             worker_runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}),
     )
     with _ProgressPoller(storage, jobs, enabled=progress):
         trainer.fit()
@@ -479,7 +480,8 @@ def _pending(storage: Storage, jobs: list[ExpertJob], *, stage_finished: bool) -
     return pending
 
 
-def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = True) -> list[str]:
+def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = True,
+                on_epoch: EpochHook | None = None) -> list[str]:
     """Train every unfinished expert of `kind` through Ray Train; -> the trajectory URIs, by expert index.
 
     A no-op (no Ray Train run, no file written) when every expert and the manifest are already there.
@@ -490,7 +492,7 @@ def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = Tr
     if pending:
         log.info("training %d of %d %s experts for %d epochs", len(pending), len(jobs), kind, jobs[0].epochs)
         storage.delete(join(trajectory_dir(cfg.run_uri, kind), "failed"))
-        _fit(cfg, storage, pending, progress)
+        _fit(cfg, storage, pending, progress, on_epoch)
         failed = [job for job in pending if not is_complete(storage, job)]
         if failed:
             raise ExpertsFailed(f"{len(failed)} of {len(jobs)} {kind} experts did not finish:\n  "

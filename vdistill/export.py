@@ -8,9 +8,11 @@ with a `meta.json` is complete):
 - pixel set (baselines): `videos.safetensors` with `videos` (float normalised `(N, T, 3, H, W)` or
   uint8 `(N, T, H, W, 3)` for real-clip coresets) and `labels` `(N,)`;
 - `meta.json`: format version, kind, classes, shapes, layout, normalisation, syn_lr, storage MB per
-  component against the equal-VPC pixel baseline (method.md 5.8), config hash, metrics, previews.
+  component against the equal-VPC pixel baseline (METHOD.md 5.8), config hash, metrics, previews.
 
-Tensors are safetensors, never pickle: an artifact fetched from object storage cannot run code.
+Tensors are safetensors, never pickle: an artifact fetched from object storage cannot run code. The loaded
+Datasets extend `synset.FrozenS2DSet` / `FrozenPixelSet`, so an artifact regenerates its videos by the same rule,
+shape checks and storage accounting as training and evaluation.
 """
 from __future__ import annotations
 
@@ -23,49 +25,14 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from vdistill.data.pixels import MEAN, STD, to_model_input, to_uint8
-from vdistill.distill.synset import SlotLayout
-from vdistill.models import Integrator
+from vdistill.data.pixels import MEAN, STD, to_uint8
+from vdistill.distill.synset import (FrozenPixelSet, FrozenS2DSet, SlotLayout, check_memory_shapes, pixel_storage,
+                                     s2d_storage)
 from vdistill.storage import Storage, join
 
 FORMAT_VERSION = 1
 META = "meta.json"
-BYTES_PER_FLOAT = 4  # storage is accounted in fp32 like the paper (method.md 5.8)
 Pairing = Literal["random", "fixed"]
-
-
-# ---- storage accounting (the one place for method.md 5.8) --------------------------------------
-def fp32_mb(numel: int) -> float:
-    """Megabytes (10^6 bytes) of `numel` fp32 values."""
-    return numel * BYTES_PER_FLOAT / 1e6
-
-
-def pixel_baseline_mb(num_classes: int, vpc: int, frames: int, size: int) -> float:
-    """A plain synthetic set of `vpc` RGB videos per class: `C*vpc*T*3*H*W` floats."""
-    return fp32_mb(num_classes * vpc * frames * 3 * size * size)
-
-
-def s2d_storage(static_numel: int, dynamic_numel: int, integrator_numel: int, *, num_classes: int, vpc: int,
-                frames: int, size: int) -> dict[str, float]:
-    """MB per S2D component, their total, the equal-VPC pixel baseline and total/baseline."""
-    parts = {"static_mb": fp32_mb(static_numel), "dynamic_mb": fp32_mb(dynamic_numel),
-             "integrator_mb": fp32_mb(integrator_numel)}
-    total = sum(parts.values())
-    baseline = pixel_baseline_mb(num_classes, vpc, frames, size)
-    return {**parts, "total_mb": total, "pixel_baseline_mb": baseline, "ratio_to_baseline": total / baseline}
-
-
-def _check_s2d_shapes(static: torch.Tensor, dynamic: torch.Tensor, layout: SlotLayout) -> tuple[int, int]:
-    """Validate `(C*spc, 3, H, W)` / `(C, dpc, T, 1, H, W)` against the layout; returns (frames, size)."""
-    c, spc, dpc = layout.num_classes, layout.spc, layout.dpc
-    if dynamic.ndim != 6 or tuple(dynamic.shape[:2]) != (c, dpc) or dynamic.shape[3] != 1:
-        raise ValueError(f"dynamic_memory must be (C={c}, dpc={dpc}, T, 1, H, W), got {tuple(dynamic.shape)}")
-    frames, height, width = dynamic.shape[2], dynamic.shape[4], dynamic.shape[5]
-    if tuple(static.shape) != (c * spc, 3, height, width):
-        raise ValueError(f"static_memory must be (C*spc={c * spc}, 3, {height}, {width}), got {tuple(static.shape)}")
-    if height != width:
-        raise ValueError(f"frames must be square, got {height}x{width}")
-    return frames, height
 
 
 def _common_meta(kind: str, classes: list[str], frames: int, size: int, syn_lr: float | None, config_hash: str,
@@ -85,12 +52,11 @@ def export_s2d(storage: Storage, uri: str, *, static_memory: torch.Tensor, dynam
     integrator state dict) to `uri`; returns the meta written to `<uri>/meta.json`."""
     layout = SlotLayout(len(classes), vpc, statics_per_slot, dynamics_per_slot)
     static, dynamic = static_memory.detach().float().cpu(), dynamic_memory.detach().float().cpu()
-    frames, size = _check_s2d_shapes(static, dynamic, layout)
+    check_memory_shapes(layout, static, dynamic)
+    frames, height, size = dynamic.shape[2], dynamic.shape[4], dynamic.shape[5]
+    if height != size:
+        raise ValueError(f"frames must be square, got {height}x{size}")
     state = {k: v.detach().float().cpu() for k, v in integrator_state.items()}
-    Integrator().load_state_dict(state)  # fails early on a state dict that the loader could not use
-    storage.write_tensors(join(uri, "static_memory.safetensors"), {"static_memory": static})
-    storage.write_tensors(join(uri, "dynamic_memory.safetensors"), {"dynamic_memory": dynamic})
-    storage.write_tensors(join(uri, "integrator.safetensors"), state)
     meta = _common_meta("s2d", classes, frames, size, syn_lr, config_hash, metrics)
     meta["layout"] = {"vpc": vpc, "statics_per_slot": statics_per_slot, "dynamics_per_slot": dynamics_per_slot,
                       "spc": layout.spc, "dpc": layout.dpc, "num_slots": layout.num_slots}
@@ -98,7 +64,11 @@ def export_s2d(storage: Storage, uri: str, *, static_memory: torch.Tensor, dynam
                       "integrator": {k: list(v.shape) for k, v in state.items()}}
     meta["storage"] = s2d_storage(static.numel(), dynamic.numel(), sum(v.numel() for v in state.values()),
                                   num_classes=len(classes), vpc=vpc, frames=frames, size=size)
-    return _finish(storage, uri, S2DDataset(static, dynamic, state, layout, meta), previews, fps)
+    dataset = S2DDataset(static, dynamic, state, layout, meta)  # fails on an integrator state before any write
+    storage.write_tensors(join(uri, "static_memory.safetensors"), {"static_memory": static})
+    storage.write_tensors(join(uri, "dynamic_memory.safetensors"), {"dynamic_memory": dynamic})
+    storage.write_tensors(join(uri, "integrator.safetensors"), state)
+    return _finish(storage, uri, dataset, previews, fps)
 
 
 def export_pixels(storage: Storage, uri: str, *, videos: torch.Tensor, labels: torch.Tensor, classes: list[str],
@@ -126,9 +96,7 @@ def export_pixels(storage: Storage, uri: str, *, videos: torch.Tensor, labels: t
     meta["pixel_dtype"] = "uint8" if videos.dtype == torch.uint8 else "float32"
     meta["layout"] = {"vpc": vpc, "videos_per_class": counts.tolist()}
     meta["shapes"] = {"videos": list(videos.shape), "labels": [n]}
-    total = fp32_mb(videos.numel())
-    meta["storage"] = {"videos_mb": total, "total_mb": total, "file_mb": videos.numel() * videos.element_size() / 1e6,
-                       "pixel_baseline_mb": total, "ratio_to_baseline": 1.0}
+    meta["storage"] = pixel_storage(videos)
     return _finish(storage, uri, PixelDataset(videos, labels, meta), previews, fps)
 
 
@@ -149,14 +117,11 @@ class DistilledDataset(Dataset, abc.ABC):
 
     meta: dict[str, Any]
     labels: torch.Tensor
+    syn_lr: float | None
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
-
-    @property
-    def syn_lr(self) -> float | None:
-        return self.meta.get("syn_lr")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -170,28 +135,23 @@ class DistilledDataset(Dataset, abc.ABC):
         """Normalised videos `(n, T, 3, H, W)` of one class."""
 
 
-class PixelDataset(DistilledDataset):
+class PixelDataset(FrozenPixelSet, DistilledDataset):
     """A pixel set; uint8 clips are normalised on access."""
 
     def __init__(self, videos: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> None:
-        self.videos, self.labels, self.meta = videos, labels, meta
-
-    def _normalised(self, videos: torch.Tensor) -> torch.Tensor:
-        return to_model_input(videos) if videos.dtype == torch.uint8 else videos
+        super().__init__(videos, labels, meta.get("syn_lr"))
+        self.meta = meta
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self._normalised(self.videos[i : i + 1])[0], int(self.labels[i])
-
-    def __call__(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._normalised(self.videos), self.labels
+        return self.normalised(slice(i, i + 1))[0], int(self.labels[i])
 
     def class_videos(self, label: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._normalised(self.videos[self.labels == label])
+        return self.normalised(self.labels == label)
 
 
-class S2DDataset(DistilledDataset):
+class S2DDataset(FrozenS2DSet, DistilledDataset):
     """An S2D set: item `i` is slot `i`, its video regenerated by the integrator from one owned static
-    image and one owned dynamic clip (method.md 5.2-5.3), without autograd.
+    image and one owned dynamic clip (METHOD.md 5.2-5.3), without autograd.
 
     Evaluation uses the same in-slot rule as training (the original's VPC=1 evaluation instead draws
     the dynamic clip from all `dpc` of the class), so what is evaluated is what was optimised.
@@ -205,16 +165,9 @@ class S2DDataset(DistilledDataset):
                  pairing: Pairing = "random", seed: int = 0, device: torch.device | str = "cpu") -> None:
         if pairing not in ("random", "fixed"):
             raise ValueError(f"pairing must be 'random' or 'fixed', got {pairing!r}")
-        self.device = torch.device(device)
-        self.static_memory = static_memory.to(self.device)
-        self.dynamic_memory = dynamic_memory.to(self.device)
-        self.integrator = Integrator().to(self.device).eval()
-        self.integrator.load_state_dict(integrator_state)
-        self.integrator.requires_grad_(False)
-        self.layout, self.meta, self.pairing, self.seed = layout, meta, pairing, seed
-        slots = torch.arange(layout.num_slots)
-        self.labels = layout.labels(slots)
-        self.fixed_pairs = (layout.draw_pairing(slots, torch.Generator().manual_seed(seed))
+        super().__init__(static_memory, dynamic_memory, integrator_state, layout, meta.get("syn_lr"), device=device)
+        self.meta, self.pairing, self.seed = meta, pairing, seed
+        self.fixed_pairs = (layout.draw_pairing(torch.arange(layout.num_slots), torch.Generator().manual_seed(seed))
                             if pairing == "fixed" else None)
         self._generators: dict[int, torch.Generator] = {}
 
@@ -228,26 +181,17 @@ class S2DDataset(DistilledDataset):
         return self._generators[key]
 
     def pairs(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(static rows, dynamic indices within the class) for `slots` (method.md 5.2's in-slot rule);
-        `generator` is used only by the random pairing."""
+        """(static rows, dynamic indices within the class) for `slots`; `generator` is used only by the
+        random pairing."""
         if self.fixed_pairs is not None:
             return self.fixed_pairs[0][slots], self.fixed_pairs[1][slots]
-        return self.layout.draw_pairing(slots, generator)
-
-    @torch.no_grad()
-    def materialise(self, slots: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Slot indices `(n,)` -> normalised videos `(n, T, 3, H, W)` on this dataset's device."""
-        s_idx, d_idx = self.pairs(slots, generator)
-        labels = self.layout.labels(slots)
-        return self.integrator(self.static_memory[s_idx.to(self.device)],
-                               self.dynamic_memory[labels.to(self.device), d_idx.to(self.device)])
+        return super().pairs(slots, generator)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.materialise(torch.tensor([i]), self._access_generator())[0], int(self.labels[i])
 
     def __call__(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = torch.arange(self.layout.num_slots)
-        return self.materialise(slots, generator or self._access_generator()), self.labels.to(self.device)
+        return super().__call__(generator or self._access_generator())
 
     def class_videos(self, label: int, generator: torch.Generator | None = None) -> torch.Tensor:
         vpc = self.layout.vpc

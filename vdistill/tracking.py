@@ -3,8 +3,7 @@
 Nothing reads configuration back from the tracker; with `tracking.enabled: false` every call is a
 no-op. The tracking URI comes from `tracking.uri`, then MLFLOW_TRACKING_URI, then an embedded
 `sqlite:///<run folder>/mlflow.db` with artifacts beside it. Runs are found again by tags, so a
-resumed pipeline keeps logging into the same parent and stage runs. Ray workers log through a
-picklable `TrackerHandle` that opens child runs of the stage that handed it out.
+resumed pipeline keeps logging into the same parent and stage runs.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import re
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -144,21 +142,6 @@ class RunLogger:
         if self.active:
             self.client.log_image(self.run_id, np.asarray(image, dtype=np.uint8), artifact_file=name)
 
-    def log_preview(self, frames: Any, name: str, *, fps: int = 8, formats: tuple[str, ...] = ("gif", "mp4"),
-                    min_size: int = 128, artifact_path: str = "previews") -> None:
-        """uint8 video `(T, H, W, 3)` as `<artifact_path>/<name>.gif|.mp4` (MLflow has no video type)."""
-        if not self.active:
-            return
-        from vdistill import render
-
-        pixels = render.upscale(frames, min_size)
-        writers = {"gif": render.write_gif, "mp4": render.write_mp4}
-        with tempfile.TemporaryDirectory(prefix="vdistill-preview-") as tmp:
-            for ext in formats:
-                path = Path(tmp) / f"{name}.{ext}"
-                writers[ext](pixels, path, fps)
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-
 
 def _find_or_create_run(client: Any, experiment_id: str, match: dict[str, str], run_name: str,
                         tags: dict[str, str]) -> str:
@@ -191,23 +174,6 @@ def _child_run(client: Any, experiment_id: str, parent_run_id: str, name: str, r
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-
-
-@dataclass(frozen=True)
-class TrackerHandle:
-    """Picklable address of a run, for Ray workers: `with handle.child("seed_0") as run: run.log_metrics(...)`.
-
-    Workers need MLFLOW_DISABLE_TELEMETRY=true in their runtime_env (set before MLflow is imported).
-    """
-
-    uri: str
-    experiment_id: str
-    parent_run_id: str
-
-    @contextmanager
-    def child(self, name: str) -> Iterator[RunLogger]:
-        with _child_run(_client(self.uri), self.experiment_id, self.parent_run_id, name, "worker") as run:
-            yield run
 
 
 # ---- the pipeline's tracker -------------------------------------------------------------------
@@ -299,10 +265,6 @@ class Tracker:
             finally:
                 self._runs.pop()
 
-    def handle(self) -> TrackerHandle | None:
-        """Address of the innermost open run for Ray workers, or None when tracking is off."""
-        return TrackerHandle(self.uri, self.experiment_id, self.run.run_id) if self._runs else None
-
     # -- logging (innermost run)
     def log_params(self, params: dict[str, Any]) -> None:
         self.run.log_params(params)
@@ -319,9 +281,6 @@ class Tracker:
 
     def log_image(self, image: Any, name: str) -> None:
         self.run.log_image(image, name)
-
-    def log_preview(self, frames: Any, name: str, **kwargs: Any) -> None:
-        self.run.log_preview(frames, name, **kwargs)
 
     def ui_hint(self) -> str:
         """How to look at the runs: the `mlflow ui` command for a local store, the server URL otherwise."""

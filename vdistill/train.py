@@ -76,7 +76,7 @@ def test_accuracy(
     generator: torch.Generator | None = None,
     standardize: bool = False,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy, computed separately (top-5 means top-min(5, C)), never mixed (method.md W-3).
+    """Top-1 and top-5 accuracy, computed separately (top-5 means top-min(5, C)), never mixed (METHOD.md W-3).
 
     `passes` full passes in eval mode; with `flip`, each clip is mirrored horizontally with
     probability 1/2 per pass (the paper protocol's stochastic test, which needs a `generator`).

@@ -13,8 +13,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from vdistill.data.ingest import CLIPS, MANIFEST, partition_uri
-from vdistill.storage import join
+from vdistill.storage import join, path_component
+
+# The cache layout `vdistill.data.ingest` writes: <cache>/manifest.json, <cache>/clips/split=<s>/label=<0042>/*.parquet
+MANIFEST = "manifest.json"
+CLIPS = "clips"
+
+
+def partition_uri(cache_uri: str, split: str, label: int) -> str:
+    return join(cache_uri, CLIPS, f"split={path_component(split, 'split')}", f"label={int(label):04d}")
 
 
 @dataclass

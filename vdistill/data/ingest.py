@@ -24,17 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from vdistill.data.clips import CLIPS, MANIFEST, partition_uri
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
 from vdistill.errors import UserError
 from vdistill.lease import Lease, Owner
-from vdistill.storage import join, path_component
+from vdistill.storage import join
 
 LAYOUT_VERSION = 1
-MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 SHORT_VIDEOS = "short_videos.jsonl"  # clips filled up to decode.frames (loop/pad), one line per clip
-CLIPS = "clips"
 
 
 class IngestError(UserError, RuntimeError):
@@ -47,10 +46,6 @@ def clip_key(uri: str, start_s: float | None, end_s: float | None) -> str:
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     digest = hashlib.sha1(f"{uri}|{start_s}|{end_s}".encode()).hexdigest()[:10]
     return f"{stem}-{digest}"
-
-
-def partition_uri(cache_uri: str, split: str, label: int) -> str:
-    return join(cache_uri, CLIPS, f"split={path_component(split, 'split')}", f"label={int(label):04d}")
 
 
 def input_hash(manifest: Manifest, spec: DecodeSpec) -> str:

@@ -1,9 +1,9 @@
-"""Dataset registry: official annotation files -> video rows with ONE global class list (method.md W-5, W-6).
+"""Dataset registry: official annotation files -> video rows with ONE global class list (METHOD.md W-5, W-6).
 
 Each adapter reads the dataset's own annotation format through Storage and returns a `Manifest`:
 rows `(uri, label, split, start_s, end_s)` whose `label` indexes `classes`, a list shared by all splits.
 Annotation rows whose video file is not found are returned in `missing` (reason "missing") so the
-ingest reports them; they are never dropped silently (W-21). Split names are always
+ingest reports them; they are never dropped silently (METHOD.md W-21). Split names are always
 `data.train_split` / `data.test_split`; the official evaluation split (K400 `validate`, SSv2
 `validation`, UCF/HMDB `test`) becomes the test split.
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from vdistill.errors import UserError
 from vdistill.storage import PATH_COMPONENT_RULE, is_path_component, join
 
-# The 50 UCF101 classes of the paper's miniUCF (method.md 1.1, from ucf50_splits1.csv).
+# The 50 UCF101 classes of the paper's miniUCF (METHOD.md 1.1, from ucf50_splits1.csv).
 MINIUCF_CLASSES = (
     "ApplyEyeMakeup", "BalanceBeam", "BandMarching", "BaseballPitch", "Basketball", "BasketballDunk", "Biking",
     "Billiards", "BlowingCandles", "Bowling", "BreastStroke", "CleanAndJerk", "CliffDiving", "CricketShot",

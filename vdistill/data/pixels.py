@@ -1,7 +1,7 @@
 """One place for pixel conventions: clips are stored uint8 and normalised on the device.
 
 Storage layout `(..., T, H, W, 3)` uint8; model layout `(..., T, 3, H, W)` float in ImageNet-normalised
-space (method.md 1.2), which is also where synthetic data lives.
+space (METHOD.md 1.2), which is also where synthetic data lives.
 """
 from __future__ import annotations
 
@@ -35,5 +35,5 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
-    """The original code's per-batch global standardisation (x - mean) / std (method.md 1.2, W-14)."""
+    """The original code's per-batch global standardisation (x - mean) / std (METHOD.md 1.2, W-14)."""
     return (x - x.mean()) / x.std().clamp_min(1e-8)

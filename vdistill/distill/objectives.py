@@ -34,7 +34,7 @@ MakeBatch = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.
 
 def dm_loss(embed_fn: EmbedFn, real_by_class: Sequence[torch.Tensor], syn_by_class: Sequence[torch.Tensor]
             ) -> torch.Tensor:
-    """Σ_c ‖mean embed(real_c) − mean embed(syn_c)‖² (method.md 5.4); the real side carries no gradient.
+    """Σ_c ‖mean embed(real_c) − mean embed(syn_c)‖² (METHOD.md 5.4); the real side carries no gradient.
 
     Each entry is a batch of one class, `(n, T, 3, H, W)` for ConvNet3D.embed or `(n, 3, H, W)` for ConvNet2D.
     """
@@ -66,7 +66,7 @@ def gradient_distance(real_grad: dict[str, torch.Tensor], syn_grad: dict[str, to
 
 def dc_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class: Sequence[torch.Tensor]
             ) -> torch.Tensor:
-    """DC gradient matching (method.md 4): Σ_c distance(∇θ CE(real_c, c), ∇θ CE(syn_c, c)), real side detached.
+    """DC gradient matching (METHOD.md 4): Σ_c distance(∇θ CE(real_c, c), ∇θ CE(syn_c, c)), real side detached.
 
     `net` supplies the architecture and its current weights; batches are `(n, 3, H, W)` images of class c.
     """
@@ -103,7 +103,7 @@ class MttStep:
 
 
 def mtt_plan(num_items: int, syn_steps: int, batch_syn: int, generator: torch.Generator) -> list[MttStep]:
-    """Minibatches as in method.md 5.5: chunks of a `randperm`, taken from the end, refilled when used up."""
+    """Minibatches as in METHOD.md 5.5: chunks of a `randperm`, taken from the end, refilled when used up."""
     batch_syn = batch_syn or num_items
     plan: list[MttStep] = []
     chunks: list[torch.Tensor] = []

@@ -2,8 +2,12 @@
 
 A *slot* is one synthetic video per class position (`C * vpc` slots, class-major). Slot `k` belongs to class
 `k // vpc` and owns `statics_per_slot` static images and `dynamics_per_slot` dynamic clips; every time a video is
-materialised one of each is drawn at random (method.md 5.2). The original hard-wires 2 and 2 (W-7); here the
+materialised one of each is drawn at random (METHOD.md 5.2). The original hard-wires 2 and 2 (METHOD.md W-7); here the
 layout is explicit and validated, with 2/2 as the paper preset.
+
+`S2DSet` and `PixelSet` are the trainable sets; `.source()` freezes one into a picklable `FrozenS2DSet` /
+`FrozenPixelSet` for evaluation, which `vdistill.export` extends into its Datasets, so that training, evaluation
+and the artifact share one materialisation rule. Storage accounting (METHOD.md 5.8) lives here for the same reason.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from vdistill.models import Integrator, seeded
 RealSampler = Callable[[int, int, torch.Generator], torch.Tensor]
 
 PAPER_SLOT_PAIRING = 2  # statics_per_slot = dynamics_per_slot = 2 in every released DM/MTT+Ours script
+BYTES_PER_FLOAT = 4  # storage is accounted in fp32 like the paper (METHOD.md 5.8)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,77 @@ class SlotLayout:
                     dynamics_per_slot=self.dynamics_per_slot)
 
 
+# ---- storage accounting (the one place for METHOD.md 5.8) --------------------------------------
+def fp32_mb(numel: int) -> float:
+    """Megabytes (10^6 bytes) of `numel` values counted as fp32, the paper's accounting."""
+    return numel * BYTES_PER_FLOAT / 1e6
+
+
+def storage_mb(*tensors: torch.Tensor, as_float32: bool = False) -> float:
+    """Megabytes of tensors AS STORED: fp32 synthetic sets count 4 bytes/value, uint8 clips 1.
+
+    Counting the stored bytes is what a user pays for; `as_float32=True` counts every value as fp32,
+    which is how the paper's storage column treats real clips too.
+    """
+    if as_float32:
+        return fp32_mb(sum(t.numel() for t in tensors))
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def pixel_baseline_mb(num_classes: int, vpc: int, frames: int, size: int) -> float:
+    """A plain synthetic set of `vpc` RGB videos per class: `C*vpc*T*3*H*W` floats."""
+    return fp32_mb(num_classes * vpc * frames * 3 * size * size)
+
+
+def s2d_storage(static_numel: int, dynamic_numel: int, integrator_numel: int, *, num_classes: int, vpc: int,
+                frames: int, size: int) -> dict[str, float]:
+    """MB per S2D component, their total, the equal-VPC pixel baseline and total/baseline."""
+    parts = {"static_mb": fp32_mb(static_numel), "dynamic_mb": fp32_mb(dynamic_numel),
+             "integrator_mb": fp32_mb(integrator_numel)}
+    total = sum(parts.values())
+    baseline = pixel_baseline_mb(num_classes, vpc, frames, size)
+    return {**parts, "total_mb": total, "pixel_baseline_mb": baseline, "ratio_to_baseline": total / baseline}
+
+
+def pixel_storage(videos: torch.Tensor) -> dict[str, float]:
+    """MB of a pixel set counted as fp32 (it is its own baseline), and `file_mb` as stored (uint8 coresets: 1/4)."""
+    total = fp32_mb(videos.numel())
+    return {"videos_mb": total, "total_mb": total, "file_mb": storage_mb(videos), "pixel_baseline_mb": total,
+            "ratio_to_baseline": 1.0}
+
+
+# ---- the S2D set --------------------------------------------------------------------------------
+def check_memory_shapes(layout: SlotLayout, static_memory: torch.Tensor, dynamic_memory: torch.Tensor) -> None:
+    """Static `(C*spc, 3, H, W)` and dynamic `(C, dpc, T, 1, H, W)` must match the layout and each other;
+    the errors name the config keys to check, since a mismatch means the stages ran with different layouts."""
+    c, spc, dpc = layout.num_classes, layout.spc, layout.dpc
+    if static_memory.dim() != 4 or static_memory.shape[:2] != (c * spc, 3):
+        raise ValueError(f"static memory must be (C*spc={c * spc}, 3, H, W); got {tuple(static_memory.shape)} "
+                         "(check dynamic.vpc and dynamic.statics_per_slot against the static stage output)")
+    if dynamic_memory.dim() != 6 or dynamic_memory.shape[:2] != (c, dpc) or dynamic_memory.shape[3] != 1:
+        raise ValueError(f"dynamic memory must be (C={c}, dpc={dpc}, T, 1, H, W); got "
+                         f"{tuple(dynamic_memory.shape)} (check dynamic.vpc and dynamic.dynamics_per_slot)")
+    if dynamic_memory.shape[-2:] != static_memory.shape[-2:]:
+        raise ValueError(f"static {tuple(static_memory.shape[-2:])} and dynamic {tuple(dynamic_memory.shape[-2:])} "
+                         "memories must have the same H, W")
+
+
+def integrate_slots(layout: SlotLayout, static_memory: torch.Tensor, dynamic_memory: torch.Tensor,
+                    integrator: Integrator, slots: torch.Tensor,
+                    pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The in-slot rule (METHOD.md 5.2), shared by training and evaluation: slot -> (its static row, its dynamic
+    clip) as given by `pairs` (from `SlotLayout.draw_pairing`) -> integrator; videos `(n, T, 3, H, W)`."""
+    static_idx, dynamic_idx = pairs
+    device = dynamic_memory.device
+    labels = layout.labels(slots.cpu().long())
+    return integrator(static_memory[static_idx.to(device)], dynamic_memory[labels.to(device), dynamic_idx.to(device)])
+
+
+def _integrator_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The integrator's state dict out of `S2DSet.state_tensors()` (keys `integrator.<name>`)."""
+    return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("integrator.")}
+
+
 def draw_seed(generator: torch.Generator) -> int:
     """A 63-bit seed from an explicit generator: how sub-components get their own reproducible stream."""
     return int(torch.randint(2**62, (1,), generator=generator))
@@ -120,16 +196,7 @@ class S2DSet:
 
     def __init__(self, layout: SlotLayout, static_memory: torch.Tensor, dynamic_memory: torch.Tensor,
                  integrator: Integrator, syn_lr: torch.Tensor, train_static: bool = False) -> None:
-        c, spc, dpc = layout.num_classes, layout.spc, layout.dpc
-        if static_memory.dim() != 4 or static_memory.shape[:2] != (c * spc, 3):
-            raise ValueError(f"static memory must be (C*spc={c * spc}, 3, H, W); got {tuple(static_memory.shape)} "
-                             "(check dynamic.vpc and dynamic.statics_per_slot against the static stage output)")
-        if dynamic_memory.dim() != 6 or dynamic_memory.shape[:2] != (c, dpc) or dynamic_memory.shape[3] != 1:
-            raise ValueError(f"dynamic memory must be (C={c}, dpc={dpc}, T, 1, H, W); got "
-                             f"{tuple(dynamic_memory.shape)} (check dynamic.vpc and dynamic.dynamics_per_slot)")
-        if dynamic_memory.shape[-2:] != static_memory.shape[-2:]:
-            raise ValueError(f"static {tuple(static_memory.shape[-2:])} and dynamic {tuple(dynamic_memory.shape[-2:])} "
-                             "memories must have the same H, W")
+        check_memory_shapes(layout, static_memory, dynamic_memory)
         self.layout = layout
         self.static_memory = static_memory.detach().clone().requires_grad_(train_static)
         self.dynamic_memory = dynamic_memory.detach().clone().requires_grad_(True)
@@ -171,7 +238,7 @@ class S2DSet:
         return self.dynamic_memory.device
 
     def trainable(self) -> dict[str, list[torch.Tensor]]:
-        """Parameter groups the stage optimises (optimizer groups in method.md 5.1)."""
+        """Parameter groups the stage optimises (optimizer groups in METHOD.md 5.1)."""
         groups = {"dynamic": [self.dynamic_memory], "integrator": list(self.integrator.parameters())}
         if self.static_memory.requires_grad:
             groups["static"] = [self.static_memory]
@@ -186,12 +253,9 @@ class S2DSet:
 
         The pairing inside each slot is drawn from `generator` (replaying a generator state replays the pairing).
         """
-        static_idx, dynamic_idx = self.layout.draw_pairing(slots, generator)
-        labels = self.layout.labels(slots.cpu().long())
-        device = self.device
-        static = self.static_memory[static_idx.to(device)]
-        dynamic = self.dynamic_memory[labels.to(device), dynamic_idx.to(device)]
-        return self.integrator(static, dynamic), labels.to(device)
+        pairs = self.layout.draw_pairing(slots, generator)
+        videos = integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots, pairs)
+        return videos, self.layout.labels(slots.cpu().long()).to(self.device)
 
     def all_videos(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One video per slot, class-major: `(C*vpc, T, 3, H, W)` and labels."""
@@ -209,35 +273,52 @@ class S2DSet:
             self.static_memory.copy_(tensors["static_memory"])
             self.dynamic_memory.copy_(tensors["dynamic_memory"])
             self.syn_lr.copy_(tensors["syn_lr"])
-            self.integrator.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items()
-                                             if k.startswith("integrator.")})
+            self.integrator.load_state_dict(_integrator_state(tensors))
 
-    @classmethod
-    def from_tensors(cls, layout: SlotLayout, tensors: dict[str, torch.Tensor],
-                     device: torch.device | str = "cpu", train_static: bool = False) -> "S2DSet":
-        integrator = Integrator()
-        integrator.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("integrator.")})
-        return cls(layout, tensors["static_memory"].to(device), tensors["dynamic_memory"].to(device),
-                   integrator, tensors["syn_lr"], train_static)
+    def source(self) -> FrozenS2DSet:
+        """A picklable CPU snapshot that re-pairs on every call, for evaluation tasks."""
+        t = {k: v.cpu() for k, v in self.state_tensors().items()}
+        return FrozenS2DSet(t["static_memory"], t["dynamic_memory"], _integrator_state(t), self.layout,
+                            float(self.syn_lr))
 
-    def storage_floats(self) -> dict[str, int]:
-        """Stored floats per component (method.md 5.8): what the distilled set costs on disk."""
-        parts = {"static_memory": self.static_memory.numel(), "dynamic_memory": self.dynamic_memory.numel(),
-                 "integrator": sum(p.numel() for p in self.integrator.parameters())}
-        return {**parts, "total": sum(parts.values())}
 
-    def source(self):
-        """A picklable CPU snapshot that re-pairs on every call (an `export.S2DDataset`), for evaluation tasks."""
-        from vdistill.export import S2DDataset  # export builds on this module
+class FrozenS2DSet:
+    """A detached S2D set (an `evaluate.EpochSource`): calling it re-pairs every slot and regenerates the whole
+    set without autograd by the training rule (`integrate_slots`), so what is evaluated is what was optimised.
 
-        t = self.state_tensors()
-        return S2DDataset(t["static_memory"].cpu(), t["dynamic_memory"].cpu(),
-                          {k.split(".", 1)[1]: v.cpu() for k, v in t.items() if k.startswith("integrator.")},
-                          self.layout, {"syn_lr": float(self.syn_lr)})
+    Picklable, so it ships to evaluation tasks; `export.S2DDataset` extends it with the Dataset interface.
+    """
+
+    def __init__(self, static_memory: torch.Tensor, dynamic_memory: torch.Tensor,
+                 integrator_state: dict[str, torch.Tensor], layout: SlotLayout, syn_lr: float | None = None, *,
+                 device: torch.device | str = "cpu") -> None:
+        check_memory_shapes(layout, static_memory, dynamic_memory)
+        self.device = torch.device(device)
+        self.static_memory = static_memory.to(self.device)
+        self.dynamic_memory = dynamic_memory.to(self.device)
+        self.integrator = Integrator().to(self.device).eval()
+        self.integrator.load_state_dict(integrator_state)
+        self.integrator.requires_grad_(False)
+        self.layout, self.syn_lr = layout, syn_lr
+        self.labels = layout.labels(torch.arange(layout.num_slots))
+
+    def pairs(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(static rows, dynamic indices within the class) for `slots`, drawn in-slot from `generator`."""
+        return self.layout.draw_pairing(slots, generator)
+
+    @torch.no_grad()
+    def materialise(self, slots: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Slot indices `(n,)` -> normalised videos `(n, T, 3, H, W)` on this set's device."""
+        return integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots,
+                               self.pairs(slots, generator))
+
+    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set for one epoch: videos `(C*vpc, T, 3, H, W)`, class-major labels `(C*vpc,)`."""
+        return self.materialise(torch.arange(self.layout.num_slots), generator), self.labels.to(self.device)
 
 
 class PixelSet:
-    """Learnable pixels, class-major labels: videos `(C*vpc, T, 3, H, W)` for the DM/MTT baselines (method.md 7),
+    """Learnable pixels, class-major labels: videos `(C*vpc, T, 3, H, W)` for the DM/MTT baselines (METHOD.md 7),
     or images `(C*spc, 3, H, W)` for the static stage (then `vpc` counts images per class)."""
 
     def __init__(self, videos: torch.Tensor, num_classes: int, syn_lr: float = 0.01) -> None:
@@ -289,16 +370,30 @@ class PixelSet:
             self.videos.copy_(tensors["videos"])
             self.syn_lr.copy_(tensors["syn_lr"])
 
-    def storage_floats(self) -> dict[str, int]:
-        return {"videos": self.videos.numel(), "total": self.videos.numel()}
-
-    def source(self):
-        """A picklable CPU snapshot, the same videos every epoch (an `export.PixelDataset`), for evaluation tasks."""
-        from vdistill.export import PixelDataset  # export builds on this module
-
+    def source(self) -> FrozenPixelSet:
+        """A picklable CPU snapshot, the same videos every epoch, for evaluation tasks."""
         videos, labels = self.all_videos()
-        return PixelDataset(videos.detach().cpu().clone(), labels.cpu(), {"syn_lr": float(self.syn_lr)})
+        return FrozenPixelSet(videos.detach().cpu().clone(), labels.cpu(), float(self.syn_lr))
 
 
-__all__ = ["PAPER_SLOT_PAIRING", "PixelSet", "RealSampler", "S2DSet", "SlotLayout",
-           "draw_seed", "init_static_memory", "random_real_frames", "real_residuals"]
+class FrozenPixelSet:
+    """Fixed videos and labels (an `evaluate.EpochSource`): float normalised `(N, T, 3, H, W)`, or uint8
+    `(N, T, H, W, 3)` real clips kept uint8 and normalised on access. `export.PixelDataset` extends it."""
+
+    def __init__(self, videos: torch.Tensor, labels: torch.Tensor, syn_lr: float | None = None) -> None:
+        self.videos, self.labels, self.syn_lr = videos, labels, syn_lr
+
+    def normalised(self, index: slice | torch.Tensor) -> torch.Tensor:
+        """Videos `(n, T, 3, H, W)` at `index` (a slice, mask or index tensor), in the networks' space."""
+        videos = self.videos[index]
+        return to_model_input(videos) if videos.dtype == torch.uint8 else videos
+
+    def __call__(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set, the same every epoch; `generator` is unused (no pairing) but kept for the API."""
+        return self.normalised(slice(None)), self.labels
+
+
+__all__ = ["BYTES_PER_FLOAT", "PAPER_SLOT_PAIRING", "FrozenPixelSet", "FrozenS2DSet", "PixelSet", "RealSampler",
+           "S2DSet", "SlotLayout", "check_memory_shapes", "draw_seed", "fp32_mb", "init_static_memory",
+           "integrate_slots", "pixel_baseline_mb", "pixel_storage", "random_real_frames", "real_residuals",
+           "s2d_storage", "storage_mb"]

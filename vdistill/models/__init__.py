@@ -16,7 +16,8 @@ __all__ = ["ConvNet2D", "ConvNet3D", "Integrator", "build_model", "flat_params",
 
 
 def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module whose default initialisation draws from `seed`, leaving the global RNG untouched (W-10)."""
+    """Build a module whose default initialisation draws from `seed`, leaving the global RNG untouched
+    (METHOD.md W-10)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
@@ -28,7 +29,7 @@ def build_model(name: str, num_classes: int, frames: int, size: int, model_cfg=N
 
     Video models take `(B, T, 3, H, W)`; `convnet2d` takes `(B, 3, H, W)`. With `seed`, the initial
     weights depend only on that seed: the global CPU RNG is forked, seeded and restored around the
-    construction, so callers' random streams are untouched (method.md W-10).
+    construction, so callers' random streams are untouched (METHOD.md W-10).
     """
     if seed is not None:
         return seeded(seed, lambda: build_model(name, num_classes, frames, size, model_cfg))

@@ -1,4 +1,4 @@
-"""The DC ConvNet for still images: the static stage distils single frames with it (method.md 2.3)."""
+"""The DC ConvNet for still images: the static stage distils single frames with it (METHOD.md 2.3)."""
 from __future__ import annotations
 
 import torch

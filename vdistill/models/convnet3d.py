@@ -1,4 +1,4 @@
-"""ConvNet3D: the network every number in the paper is measured with (method.md 2.1)."""
+"""ConvNet3D: the network every number in the paper is measured with (METHOD.md 2.1)."""
 from __future__ import annotations
 
 import torch

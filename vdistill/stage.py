@@ -1,0 +1,105 @@
+"""The one Stage type: a name, what it reads (config values and upstream stages), and a body.
+
+A stage's identity is exactly what it declares: the hash of its `reads`, its upstream stages' hashes and the
+run seed. The runner (`vdistill.pipeline`) skips a stage whose manifest carries that hash and knows no stage by
+name; a body sees only a `RunContext`: the config, storage, its own folder, its upstream outputs and the sinks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel
+
+from vdistill.checkpoint import load_state, save_state
+from vdistill.config import Config
+from vdistill.data.clips import load_split
+from vdistill.lease import Owner
+from vdistill.storage import Storage, join
+from vdistill.tracking import Tracker
+
+# Cut points of `vdistill <command>` / `Pipeline.run(until=...)`, in data-flow order.
+GROUPS = ("dataset", "ingest", "experts", "static", "distill", "evaluate", "export")
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One step of a run. `reads` maps dotted config names to the values the body uses (its identity);
+    `upstream` are the stages whose outputs it reads; `body(ctx)` returns the JSON-able outputs that go
+    into `<run>/<name>/manifest.json`."""
+
+    name: str
+    group: str  # one of GROUPS
+    reads: Mapping[str, Any]
+    upstream: tuple["Stage", ...]
+    body: Callable[["RunContext"], dict[str, Any]] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"stage {self.name}: group must be one of {GROUPS} (got {self.group!r})")
+
+    def input_hash(self, upstream_hashes: Mapping[str, str], seed: int) -> str:
+        payload = {"reads": {k: _jsonable(v) for k, v in sorted(self.reads.items())},
+                   "upstream": [upstream_hashes[up.name] for up in self.upstream], "seed": seed}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def fields(section: BaseModel, *names: str, prefix: str) -> dict[str, Any]:
+    """`{"prefix.name": value}` for some fields of a config section: a stage that reads only these."""
+    return {f"{prefix}.{name}": getattr(section, name) for name in names}
+
+
+@dataclass
+class RunContext:
+    """What a stage body gets; it never sees the runner or other stages' folders except through `output`."""
+
+    cfg: Config
+    storage: Storage
+    tracker: Tracker
+    owner: Owner  # holds the run's lease (and the cache's while ingesting)
+    log: Callable[[str], None]
+    folder: str  # <run>/<stage name>
+    input_hash: str
+    outputs: Mapping[str, dict[str, Any]]  # every finished stage's outputs, by name
+    _splits: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+
+    def uri(self, *parts: str) -> str:
+        return join(self.folder, *parts)
+
+    def output(self, stage: Stage) -> dict[str, Any]:
+        """The outputs of an upstream stage."""
+        return self.outputs[stage.name]
+
+    def split(self, cache_uri: str, name: str):
+        """A cache split in memory, loaded once per stage (evaluation and coresets share it)."""
+        if (cache_uri, name) not in self._splits:
+            self._splits[cache_uri, name] = load_split(self.storage, cache_uri, name)
+        return self._splits[cache_uri, name]
+
+    def checkpointing(self) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
+        """(state to resume from or None, callback that saves one), named by the stage's input hash."""
+        uri = self.uri(f"checkpoint-{self.input_hash}.safetensors")
+        state = load_state(self.storage, uri)
+        if state is not None:
+            self.log(f"[{self.folder.rsplit('/', 1)[-1]}] resuming from iteration {state['iteration']}")
+        return state, lambda s: save_state(self.storage, uri, s)
+
+    def progress(self, prefix: str, total: int, start: int) -> Callable[[int, dict[str, float]], None]:
+        """Per-iteration callback: MLflow metrics plus a progress bar (loss, syn_lr) in the log."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=prefix, unit="it", mininterval=5)
+
+        def log(iteration: int, metrics: dict[str, float]) -> None:
+            self.tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", syn_lr=f"{metrics['syn_lr']:.3g}", refresh=False)
+            bar.update(1)
+            if iteration + 1 == total:
+                bar.close()
+        return log

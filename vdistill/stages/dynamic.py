@@ -1,0 +1,93 @@
+"""Stage 2: learn the dynamic memory and the integrator around the static memory (DM or MTT, METHOD.md 5)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vdistill.config import Config
+from vdistill.data.clips import ClassSampler
+from vdistill.device import resolve_device
+from vdistill.distill.loop import Recipe, distill
+from vdistill.distill.synset import S2DSet, SlotLayout
+from vdistill.evaluate import PendingEvaluation, launch_evaluation
+from vdistill.export import export_s2d
+from vdistill.stage import RunContext, Stage
+from vdistill.stages.experts import snapshot_reader
+
+SET_FOLDER = "set"
+
+
+def stage(cfg: Config, method: str, ingest: Stage, static: Stage, video_experts: Stage | None) -> Stage:
+    settings = cfg.dynamic_for(method)
+    reads: dict[str, Any] = {"model": cfg.model, "dynamic": settings}
+    if settings.eval_every:  # evaluations during distillation are part of the outputs
+        reads.update(train=cfg.train, evaluate=cfg.evaluate)
+    upstream = (ingest, static) + ((video_experts,) if method == "mtt" else ())
+    return Stage(f"dynamic-{method}", "distill", reads, upstream,
+                 lambda ctx: _distil(ctx, method, ingest, static, video_experts))
+
+
+def eval_lr(cfg: Config, source: Any) -> float | None:
+    """MTT's learned lr when `evaluate.use_learned_lr`, else None (evaluate.lr)."""
+    learned = getattr(source, "syn_lr", None)
+    return float(learned) if cfg.evaluate.use_learned_lr and learned is not None else None
+
+
+def learned_lr(synset: Any, recipe: Recipe) -> float | None:
+    """The synthetic lr travels with a set only when MTT learned it; DM never touches it."""
+    return float(synset.syn_lr.detach()) if recipe.learns_lr else None
+
+
+def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_experts: Stage | None
+            ) -> dict[str, Any]:
+    cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
+    cache = ctx.output(ingest)["cache"]
+    sampler, device = ClassSampler(ctx.storage, cache, cfg.data.train_split), resolve_device(cfg.run.device)
+    layout = SlotLayout.from_config(sampler.num_classes, settings)
+    static_memory = ctx.storage.read_tensors(ctx.output(static)["static_memory"])["static_memory"]
+    synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
+                           torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
+                           train_static=settings.train_static, integrator_init=settings.integrator_init,
+                           dynamic_init=settings.init, sample_real=sampler.sample)
+    snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
+                            if method == "mtt" else (None, []))
+    recipe = Recipe.dynamic(settings)
+    state, save = ctx.checkpointing()
+    resumed_from = state["iteration"] if state else 0
+    pending: list[tuple[int, PendingEvaluation]] = []
+
+    def on_eval(iteration: int, source: Any) -> None:  # evaluations run as Ray tasks, collected at the end
+        test = ctx.split(cache, cfg.data.test_split)
+        pending.append((iteration, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source))))
+
+    distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
+            num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
+            state=state, on_checkpoint=save, on_metrics=ctx.progress(ctx.folder.rsplit("/", 1)[-1], recipe.iterations,
+                                                                     resumed_from),
+            on_eval=on_eval if settings.eval_every else None)
+    best = _log_evaluations(ctx, f"dynamic-{method}", pending)
+    t = synset.state_tensors()
+    uri = ctx.uri(SET_FOLDER)
+    meta = export_s2d(ctx.storage, uri, static_memory=t["static_memory"], dynamic_memory=t["dynamic_memory"],
+                      integrator_state=synset.integrator.state_dict(), vpc=layout.vpc,
+                      statics_per_slot=layout.statics_per_slot, dynamics_per_slot=layout.dynamics_per_slot,
+                      classes=sampler.classes, syn_lr=learned_lr(synset, recipe), config_hash=ctx.input_hash,
+                      metrics={"best_during_distillation": best})
+    return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
+            "resumed_from": resumed_from}
+
+
+def _log_evaluations(ctx: RunContext, name: str, pending: list[tuple[int, PendingEvaluation]]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for iteration, job in pending:
+        result = job.result()
+        summary = result["models"][ctx.cfg.evaluate.models[0]]
+        if summary["failed"]:
+            ctx.log(f"[{name}] evaluation at iteration {iteration}: {summary['failed']} network(s) diverged")
+            continue
+        ctx.tracker.log_metrics({f"{name}/eval_top1": summary["top1_mean"],
+                                 f"{name}/eval_top5": summary["top5_mean"]}, step=iteration)
+        if summary["top1_mean"] > best.get("top1_mean", -1):
+            best = {"iteration": iteration, "top1_mean": summary["top1_mean"], "top1_std": summary["top1_std"]}
+    return best

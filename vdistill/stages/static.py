@@ -1,0 +1,53 @@
+"""Stage 1: distil still images per class from single real frames (the static memory, METHOD.md 4)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vdistill.config import Config
+from vdistill.data.clips import ClassSampler
+from vdistill.data.pixels import to_uint8
+from vdistill.device import resolve_device
+from vdistill.distill.loop import Recipe, distill
+from vdistill.distill.synset import PixelSet, SlotLayout, init_static_memory
+from vdistill.render import image_grid
+from vdistill.stage import RunContext, Stage, fields
+from vdistill.stages.experts import snapshot_reader
+
+# What the static stage reads from `dynamic`: the slot layout (how many stills per class) and the checkpoint
+# period, plus, for static.method=mtt, the trajectory-matching settings.
+LAYOUT = ("vpc", "statics_per_slot", "dynamics_per_slot", "checkpoint_every")
+MTT = ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "mtt_mode", "train_lr", "lr_lr", "min_syn_lr")
+
+
+def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
+    reads = {"model": cfg.model, "static": cfg.static, **fields(cfg.dynamic, *LAYOUT, prefix="dynamic")}
+    if frame_experts is not None:
+        reads.update(fields(cfg.dynamic, *MTT, prefix="dynamic"))
+    upstream = (ingest, frame_experts) if frame_experts else (ingest,)
+    return Stage("static", "static", reads, upstream,
+                 lambda ctx: _distil(ctx, ingest, frame_experts))
+
+
+def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict[str, Any]:
+    cfg = ctx.cfg
+    sampler = ClassSampler(ctx.storage, ctx.output(ingest)["cache"], cfg.data.train_split)
+    layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic)
+    snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(frame_experts)["trajectories"])
+                            if frame_experts else (None, []))
+    recipe = Recipe.static(cfg.static, cfg.dynamic)
+    state, save = ctx.checkpointing()
+    device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
+    images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample, device)
+    stills = PixelSet(images, layout.num_classes)
+    distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes, model_cfg=cfg.model,
+            snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
+            on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0))
+    images = stills.videos.detach()
+    uri = ctx.uri("static_memory.safetensors")
+    ctx.storage.write_tensors(uri, {"static_memory": images}, {
+        "classes": ",".join(sampler.classes), "normalisation": "imagenet", "layout": str(layout.to_dict())})
+    ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
+    return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
+            "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc}
