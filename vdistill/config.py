@@ -31,7 +31,9 @@ class RunConfig(_Section):
     root: str = Field("runs", description="run root URI (local path or s3://bucket/prefix)")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    coordinator_cpus: float = Field(1.0, ge=0, description="Ray CPUs held by the coordinator actor (runs distillation)")
+    coordinator_cpus: float = Field(
+        1.0, ge=0, description="Ray CPUs held by the coordinator actor, which runs distillation with as many torch "
+        "threads on a cluster; a local run (no RAY_ADDRESS) gives it every core")
     coordinator_gpus: float = Field(0.0, ge=0, description="Ray GPUs held by the coordinator actor; 1 on GPU clusters")
 
 
@@ -92,6 +94,9 @@ class CacheConfig(_Section):
     videos_per_task: int = Field(16, ge=1, description="videos decoded per Ray task (map_batches batch size)")
     cpus_per_task: float = Field(1.0, gt=0)
     max_rows_per_file: int = Field(512, ge=1)
+    sampler_mb: float = Field(
+        8192.0, gt=0, description="memory of the distillation's real-clip sampler, all classes together; a class "
+        "that does not fit its share is sampled from a rotating random pool of its clips")
 
 
 class ModelConfig(_Section):

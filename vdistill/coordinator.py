@@ -30,14 +30,14 @@ def _coordinator_class():
     class Coordinator:
         """Owns one run. `run` calls are serialised: a second submission waits, then finds the work done."""
 
-        def __init__(self, cfg_data: dict, storage: Storage) -> None:
+        def __init__(self, cfg_data: dict, storage: Storage, threads: int) -> None:
             import torch
 
             self.cfg = Config.model_validate(cfg_data)
             self.storage = storage
             self.lock = threading.Lock()
             self.current = "idle"
-            torch.set_num_threads(max(1, int(self.cfg.run.coordinator_cpus) or os.cpu_count() or 1))
+            torch.set_num_threads(threads)  # Ray pins a 1-CPU actor to one thread; distillation wants them all
 
         def run(self, until: str, demo: bool) -> dict[str, Any]:
             import ray
@@ -80,12 +80,20 @@ def connect_ray(cfg: Config) -> None:
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env)
 
 
+def coordinator_threads(cfg: Config) -> int:
+    """Torch threads of the coordinator: every core of this machine when the driver started a local Ray (the
+    coordinator's CPUs are logical extras there, see `connect_ray`), else what `run.coordinator_cpus` holds."""
+    if os.environ.get("RAY_ADDRESS"):
+        return max(1, int(cfg.run.coordinator_cpus))
+    return os.cpu_count() or 1
+
+
 def get_coordinator(cfg: Config, storage: Storage):
     return _coordinator_class().options(
         name=actor_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_concurrency=4,
         num_cpus=cfg.run.coordinator_cpus, num_gpus=cfg.run.coordinator_gpus,
-    ).remote(cfg.model_dump(mode="json"), storage)
+    ).remote(cfg.model_dump(mode="json"), storage, coordinator_threads(cfg))
 
 
 def run_pipeline(cfg: Config, *, until: str = "export", demo: bool = False, attempts: int = 3) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from vdistill.checkpoint import load_state, save_state
 from vdistill.config import Config
-from vdistill.data.clips import load_split
+from vdistill.data.clips import ClassSampler, load_split
 from vdistill.lease import Owner
 from vdistill.storage import Storage, join
 from vdistill.tracking import Tracker
@@ -82,13 +82,20 @@ class RunContext:
             self._splits[cache_uri, name] = load_split(self.storage, cache_uri, name)
         return self._splits[cache_uri, name]
 
-    def checkpointing(self) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
-        """(state to resume from or None, callback that saves one), named by the stage's input hash."""
+    def real_clips(self, cache_uri: str) -> ClassSampler:
+        """The training split's real clips for a distillation loop, within `cache.sampler_mb`."""
+        return ClassSampler(self.storage, cache_uri, self.cfg.data.train_split, memory_mb=self.cfg.cache.sampler_mb,
+                            seed=self.cfg.run.seed)
+
+    def checkpointing(self, sampler: ClassSampler) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
+        """(loop state to resume from or None, callback that saves one), named by the stage's input hash; the
+        sampler's pools travel with the loop state. Call it after the set is built, right before the loop."""
         uri = self.uri(f"checkpoint-{self.input_hash}.safetensors")
         state = load_state(self.storage, uri)
         if state is not None:
             self.log(f"[{self.folder.rsplit('/', 1)[-1]}] resuming from iteration {state['iteration']}")
-        return state, lambda s: save_state(self.storage, uri, s)
+            sampler.load_state(state.pop("sampler"))
+        return state, lambda s: save_state(self.storage, uri, {**s, "sampler": sampler.state()})
 
     def progress(self, prefix: str, total: int, start: int) -> Callable[[int, dict[str, float]], None]:
         """Per-iteration callback: MLflow metrics plus a progress bar (loss, syn_lr) in the log."""

@@ -5,12 +5,15 @@ Order is deterministic: rows are sorted by clip key.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
 from vdistill.storage import join, path_component
@@ -34,6 +37,10 @@ class ClipSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def class_clips(self, c: int) -> torch.Tensor:
+        """The clips of class `c`, in key order."""
+        return self.videos[self.labels == c]
 
 
 def read_manifest(storage: Any, cache_uri: str) -> dict:
@@ -76,37 +83,137 @@ def load_split(storage: Any, cache_uri: str, split: str) -> ClipSet:
     return ClipSet(torch.from_numpy(videos), torch.from_numpy(labels), list(manifest["classes"]))
 
 
-class ClassSampler:
-    """Random real clips of one class; a class's partition is read on first use, then kept."""
+def load_class(storage: Any, cache_uri: str, split: str, c: int) -> torch.Tensor:
+    """One class of a split, uint8 `(N_c, T, H, W, 3)` sorted by key: what fits when the split does not."""
+    shape = _clip_shape(read_manifest(storage, cache_uri))
+    videos, _ = _read_folder(storage, partition_uri(cache_uri, split, c), shape)
+    return torch.from_numpy(videos)
 
-    def __init__(self, storage: Any, cache_uri: str, split: str) -> None:
-        self.storage = storage
-        self.cache_uri = cache_uri
-        self.split = split
+
+@dataclass(frozen=True)
+class _RowGroup:
+    path: str
+    index: int
+    rows: int
+
+
+class ClassSampler:
+    """Random real clips of one class in bounded memory: where every distillation loop draws its real batches.
+
+    `memory_mb` bounds the clips held for all classes together. A class that fits its share is held whole,
+    sorted by key. A larger class holds a *pool*: a random subset of its Parquet row groups, swapped for the
+    next subset once as many clips were drawn from it as it holds, the next pool read ahead in a background
+    thread while the current one serves. Which row groups a pool holds is a pure function of (seed, class,
+    rotation), and `state()` is what a checkpoint must keep, so a resumed loop draws the same clips.
+    Use it as a context manager (it stops the read-ahead thread).
+    """
+
+    def __init__(self, storage: Any, cache_uri: str, split: str, *, memory_mb: float = 8192.0, seed: int = 0) -> None:
+        self.storage, self.cache_uri, self.split, self.seed = storage, cache_uri, split, seed
         self.manifest = read_manifest(storage, cache_uri)
         self.classes: list[str] = list(self.manifest["classes"])
-        self._loaded: dict[int, torch.Tensor] = {}
+        clip_bytes = int(np.prod(_clip_shape(self.manifest)))
+        # Half the share of a class for its pool, half for the pool being read ahead.
+        self.pool_clips = int(memory_mb * 1e6 // (2 * clip_bytes * max(1, len(self.classes))))
+        if self.pool_clips < 1:
+            raise ValueError(f"cache.sampler_mb={memory_mb:g} cannot hold one clip per class for {len(self.classes)} "
+                             f"classes of {clip_bytes / 1e6:.3f} MB; raise cache.sampler_mb")
+        self._groups: dict[int, list[_RowGroup]] = {}
+        self._pools: dict[int, torch.Tensor] = {}
+        self._rotation: dict[int, int] = {}
+        self._drawn: dict[int, int] = {}
+        self._ahead: dict[int, Future] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdistill-sampler")
+
+    def __enter__(self) -> "ClassSampler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def clips(self, c: int) -> torch.Tensor:
-        """All clips of class `c`, uint8 `(N_c, T, H, W, 3)`, sorted by key."""
-        if c not in self._loaded:
-            videos, _ = _read_folder(self.storage, partition_uri(self.cache_uri, self.split, c),
-                                     _clip_shape(self.manifest))
-            if len(videos) == 0:
-                raise ValueError(f"class {c} ({self.classes[c]}) has no clips in split {self.split!r}")
-            self._loaded[c] = torch.from_numpy(videos)
-        return self._loaded[c]
+    def state(self) -> dict[str, dict[int, int]]:
+        """The pool counters (rotation and clips drawn per class) a resumed loop needs."""
+        return {"rotation": dict(self._rotation), "drawn": dict(self._drawn)}
+
+    def load_state(self, state: dict[str, dict[int, int]]) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._pools.clear()
+        self._ahead.clear()
+        self._rotation = {int(c): int(r) for c, r in state["rotation"].items()}
+        self._drawn = {int(c): int(n) for c, n in state["drawn"].items()}
 
     def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 `(n, T, H, W, 3)`; without replacement, cycling fresh permutations when n > clips in c."""
-        pool = self.clips(c)
+        """uint8 `(n, T, H, W, 3)`; without replacement within the pool, cycling fresh permutations when n
+        exceeds it."""
+        if self._whole(c):
+            pool = self._pool(c)
+        else:
+            if self._drawn.get(c, 0) + n > self.pool_clips and c in self._drawn:
+                self._rotate(c)
+            pool = self._pool(c)
+            self._drawn[c] = self._drawn.get(c, 0) + n
         reps = -(-n // len(pool))
         order = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(reps)])[:n]
         return pool[order]
+
+    # ---- pools --------------------------------------------------------------------------------------
+    def _row_groups(self, c: int) -> list[_RowGroup]:
+        if c not in self._groups:
+            fs, root = self.storage.resolve(partition_uri(self.cache_uri, self.split, c))
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            groups = []
+            for info in sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path):
+                with fs.open_input_file(info.path) as handle:
+                    meta = pq.ParquetFile(handle).metadata
+                groups += [_RowGroup(info.path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+            if not groups:
+                raise ValueError(f"class {c} ({self.classes[c]}) has no clips in split {self.split!r}")
+            self._groups[c] = groups
+        return self._groups[c]
+
+    def _whole(self, c: int) -> bool:
+        return sum(g.rows for g in self._row_groups(c)) <= 2 * self.pool_clips
+
+    def _pool(self, c: int) -> torch.Tensor:
+        if c not in self._pools:
+            self._pools[c] = self._read(c, self._rotation.get(c, 0))
+            if not self._whole(c):
+                self._ahead[c] = self._reader.submit(self._read, c, self._rotation.get(c, 0) + 1)
+        return self._pools[c]
+
+    def _rotate(self, c: int) -> None:
+        self._rotation[c] = self._rotation.get(c, 0) + 1
+        self._drawn[c] = 0
+        ahead = self._ahead.pop(c, None)
+        self._pools[c] = ahead.result() if ahead is not None else self._read(c, self._rotation[c])
+        self._ahead[c] = self._reader.submit(self._read, c, self._rotation[c] + 1)
+
+    def _read(self, c: int, rotation: int) -> torch.Tensor:
+        """Clips of class `c` for one pool, sorted by key: all of them, or the row groups drawn for `rotation`."""
+        groups = self._row_groups(c)
+        if not self._whole(c):
+            seed = int(np.random.SeedSequence([self.seed, c, rotation]).generate_state(1)[0])
+            draw = torch.Generator().manual_seed(seed)
+            chosen, rows = [], 0
+            for g in torch.randperm(len(groups), generator=draw).tolist():
+                if rows >= self.pool_clips:
+                    break
+                chosen.append(groups[g])
+                rows += groups[g].rows
+            groups = chosen
+        fs, _ = self.storage.resolve(self.cache_uri)
+        tables = []
+        for path in sorted({g.path for g in groups}):
+            with fs.open_input_file(path) as handle:
+                wanted = [g.index for g in groups if g.path == path]
+                tables.append(pq.ParquetFile(handle).read_row_groups(wanted, columns=["clip", "key"]))
+        table = pa.concat_tables(tables).sort_by("key")
+        return torch.from_numpy(_clip_array(table["clip"], _clip_shape(self.manifest)))
 
 
 def stream_split(storage: Any, cache_uri: str, split: str):

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 
 from vdistill.config import Config
-from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
 from vdistill.distill.synset import S2DSet, SlotLayout
@@ -20,7 +19,7 @@ SET_FOLDER = "set"
 
 def stage(cfg: Config, method: str, ingest: Stage, static: Stage, video_experts: Stage | None) -> Stage:
     settings = cfg.dynamic_for(method)
-    reads: dict[str, Any] = {"model": cfg.model, "dynamic": settings}
+    reads: dict[str, Any] = {"model": cfg.model, "dynamic": settings, "cache.sampler_mb": cfg.cache.sampler_mb}
     if settings.eval_every:  # evaluations during distillation are part of the outputs
         reads.update(train=cfg.train, evaluate=cfg.evaluate)
     upstream = (ingest, static) + ((video_experts,) if method == "mtt" else ())
@@ -42,30 +41,30 @@ def learned_lr(synset: Any, recipe: Recipe) -> float | None:
 def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_experts: Stage | None
             ) -> dict[str, Any]:
     cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
-    cache = ctx.output(ingest)["cache"]
-    sampler, device = ClassSampler(ctx.storage, cache, cfg.data.train_split), resolve_device(cfg.run.device)
-    layout = SlotLayout.from_config(sampler.num_classes, settings)
+    cache, device = ctx.output(ingest)["cache"], resolve_device(cfg.run.device)
     static_memory = ctx.storage.read_tensors(ctx.output(static)["static_memory"])["static_memory"]
-    synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
-                           torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
-                           train_static=settings.train_static, integrator_init=settings.integrator_init,
-                           dynamic_init=settings.init, sample_real=sampler.sample)
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
                             if method == "mtt" else (None, []))
     recipe = Recipe.dynamic(settings)
-    state, save = ctx.checkpointing()
-    resumed_from = state["iteration"] if state else 0
     pending: list[tuple[int, PendingEvaluation]] = []
 
     def on_eval(iteration: int, source: Any) -> None:  # evaluations run as Ray tasks, collected at the end
         test = ctx.split(cache, cfg.data.test_split)
         pending.append((iteration, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source))))
 
-    distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
-            num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
-            state=state, on_checkpoint=save, on_metrics=ctx.progress(ctx.folder.rsplit("/", 1)[-1], recipe.iterations,
-                                                                     resumed_from),
-            on_eval=on_eval if settings.eval_every else None)
+    with ctx.real_clips(cache) as sampler:
+        layout = SlotLayout.from_config(sampler.num_classes, settings)
+        synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
+                               torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
+                               train_static=settings.train_static, integrator_init=settings.integrator_init,
+                               dynamic_init=settings.init, sample_real=sampler.sample)
+        state, save = ctx.checkpointing(sampler)
+        resumed_from = state["iteration"] if state else 0
+        distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
+                num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
+                state=state, on_checkpoint=save,
+                on_metrics=ctx.progress(f"dynamic-{method}", recipe.iterations, resumed_from),
+                on_eval=on_eval if settings.eval_every else None)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
     t = synset.state_tensors()
     uri = ctx.uri(SET_FOLDER)

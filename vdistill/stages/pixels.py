@@ -6,7 +6,6 @@ from typing import Any
 import torch
 
 from vdistill.config import Config
-from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
 from vdistill.distill.synset import PixelSet
@@ -22,7 +21,8 @@ DYNAMIC = ("vpc", "batch_real", "checkpoint_every", "eval_every")
 
 def stage(cfg: Config, method: str, ingest: Stage, video_experts: Stage | None) -> Stage:
     settings = cfg.dynamic_for(method)
-    reads: dict[str, Any] = {"model": cfg.model, **fields(cfg.dynamic_for("mtt"), "lr_teacher", prefix="dynamic"),
+    reads: dict[str, Any] = {"model": cfg.model, "cache.sampler_mb": cfg.cache.sampler_mb,
+                             **fields(cfg.dynamic_for("mtt"), "lr_teacher", prefix="dynamic"),
                              **fields(cfg.baselines, "pixel_iterations", f"pixel_lr_{method}", prefix="baselines"),
                              **fields(settings, *DYNAMIC, *(MTT if method == "mtt" else ()), prefix="dynamic")}
     upstream = (ingest, video_experts) if method == "mtt" else (ingest,)
@@ -32,18 +32,18 @@ def stage(cfg: Config, method: str, ingest: Stage, video_experts: Stage | None) 
 
 def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | None) -> dict[str, Any]:
     cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
-    sampler = ClassSampler(ctx.storage, ctx.output(ingest)["cache"], cfg.data.train_split)
     device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
-    pixels = PixelSet.from_real(sampler.sample, sampler.num_classes, settings.vpc, generator, device,
-                                syn_lr=cfg.dynamic_for("mtt").lr_teacher)
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
                             if method == "mtt" else (None, []))
     recipe = Recipe.pixels(method, cfg.baselines, settings)
-    state, save = ctx.checkpointing()
-    distill(pixels, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
-            num_classes=sampler.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
-            state=state, on_checkpoint=save,
-            on_metrics=ctx.progress(f"pixels-{method}", recipe.iterations, state["iteration"] if state else 0))
+    with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
+        pixels = PixelSet.from_real(sampler.sample, sampler.num_classes, settings.vpc, generator, device,
+                                    syn_lr=cfg.dynamic_for("mtt").lr_teacher)
+        state, save = ctx.checkpointing(sampler)
+        distill(pixels, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
+                num_classes=sampler.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
+                state=state, on_checkpoint=save,
+                on_metrics=ctx.progress(f"pixels-{method}", recipe.iterations, state["iteration"] if state else 0))
     videos, labels = pixels.all_videos()
     uri = ctx.uri(SET_FOLDER)
     meta = export_pixels(ctx.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 
 from vdistill.config import Config
-from vdistill.data.clips import ClassSampler
 from vdistill.data.pixels import to_uint8
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
@@ -22,7 +21,8 @@ MTT = ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "mtt_mode",
 
 
 def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
-    reads = {"model": cfg.model, "static": cfg.static, **fields(cfg.dynamic, *LAYOUT, prefix="dynamic")}
+    reads = {"model": cfg.model, "static": cfg.static, "cache.sampler_mb": cfg.cache.sampler_mb,
+             **fields(cfg.dynamic, *LAYOUT, prefix="dynamic")}
     if frame_experts is not None:
         reads.update(fields(cfg.dynamic, *MTT, prefix="dynamic"))
     upstream = (ingest, frame_experts) if frame_experts else (ingest,)
@@ -32,18 +32,19 @@ def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
 
 def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict[str, Any]:
     cfg = ctx.cfg
-    sampler = ClassSampler(ctx.storage, ctx.output(ingest)["cache"], cfg.data.train_split)
-    layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic)
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(frame_experts)["trajectories"])
                             if frame_experts else (None, []))
     recipe = Recipe.static(cfg.static, cfg.dynamic)
-    state, save = ctx.checkpointing()
     device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
-    images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample, device)
-    stills = PixelSet(images, layout.num_classes)
-    distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes, model_cfg=cfg.model,
-            snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
-            on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0))
+    with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
+        layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic)
+        images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample,
+                                    device)
+        stills = PixelSet(images, layout.num_classes)
+        state, save = ctx.checkpointing(sampler)
+        distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes,
+                model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
+                on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0))
     images = stills.videos.detach()
     uri = ctx.uri("static_memory.safetensors")
     ctx.storage.write_tensors(uri, {"static_memory": images}, {

@@ -1,0 +1,78 @@
+"""The distillation's real-clip sampler: whole classes when they fit, rotating pools within its memory otherwise."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vdistill.data.clips import MANIFEST, ClassSampler, partition_uri
+from vdistill.storage import Storage, join
+
+CLASSES, T, S, PER_CLASS = ["a", "b", "c"], 2, 4, 40
+CLIP_BYTES = T * S * S * 3
+
+
+def _cache(root: str, rows_per_group: int = 4) -> str:
+    """Clip i of class c is filled with the value 100*c + i (an id readable from any pixel); small row groups."""
+    storage, cache = Storage(), join(root, "cache")
+    for c in range(len(CLASSES)):
+        clips = [np.full((T, S, S, 3), 100 * c + i, np.uint8) for i in range(PER_CLASS)]
+        table = pa.table({"clip": pa.array([clip.ravel() for clip in clips], pa.list_(pa.uint8())),
+                          "label": pa.array([c] * PER_CLASS, pa.int64()),
+                          "key": pa.array([f"{c}-{i:03d}" for i in range(PER_CLASS)])})
+        folder = partition_uri(cache, "train", c)
+        half = PER_CLASS // 2
+        for part, rows in (("0", table.slice(0, half)), ("1", table.slice(half))):
+            sink = pa.BufferOutputStream()
+            pq.write_table(rows, sink, row_group_size=rows_per_group)
+            storage.write_bytes(join(folder, f"part-{part}.parquet"), sink.getvalue().to_pybytes())
+    storage.write_json(join(cache, MANIFEST), {"classes": CLASSES, "frames": T, "size": S})
+    return cache
+
+
+def _ids(batch: torch.Tensor, c: int) -> list[int]:
+    return [int(clip[0, 0, 0, 0]) - 100 * c for clip in batch]
+
+
+def _budget_mb(pool_clips: int) -> float:
+    return 2 * pool_clips * CLIP_BYTES * len(CLASSES) / 1e6
+
+
+def test_a_class_that_fits_is_held_whole_and_drawn_without_replacement(tmp_path):
+    with ClassSampler(Storage(), _cache(str(tmp_path)), "train") as sampler:
+        batch = sampler.sample(1, PER_CLASS, torch.Generator().manual_seed(0))
+    assert sorted(_ids(batch, 1)) == list(range(PER_CLASS))
+
+
+def test_a_large_class_is_drawn_from_rotating_pools_that_stay_within_the_budget_and_cover_it(tmp_path):
+    g, seen = torch.Generator().manual_seed(0), set()
+    with ClassSampler(Storage(), _cache(str(tmp_path)), "train", memory_mb=_budget_mb(6)) as sampler:
+        assert sampler.pool_clips == 6
+        for _ in range(60):
+            seen.update(_ids(sampler.sample(2, 6, g), 2))
+            held = sum(p.numel() for p in sampler._pools.values())
+            assert held <= len(CLASSES) * 8 * CLIP_BYTES  # a pool is whole row groups: 6 clips round up to 8
+        assert sampler.state()["rotation"][2] >= 30
+    assert seen == set(range(PER_CLASS))
+
+
+def test_a_resumed_sampler_draws_exactly_what_the_uninterrupted_one_draws(tmp_path):
+    cache, budget = _cache(str(tmp_path)), _budget_mb(6)
+    g = torch.Generator().manual_seed(3)
+    with ClassSampler(Storage(), cache, "train", memory_mb=budget, seed=7) as straight:
+        for _ in range(5):
+            straight.sample(0, 4, g)
+        state, g_state = straight.state(), g.get_state()
+        expected = [straight.sample(0, 4, g) for _ in range(8)]
+    g.set_state(g_state)
+    with ClassSampler(Storage(), cache, "train", memory_mb=budget, seed=7) as resumed:
+        resumed.sample(0, 4, torch.Generator().manual_seed(99))  # what rebuilding the set draws before the loop
+        resumed.load_state(state)
+        assert all(torch.equal(resumed.sample(0, 4, g), e) for e in expected)
+
+
+def test_a_budget_below_one_clip_per_class_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"cache.sampler_mb=.*raise cache.sampler_mb"):
+        ClassSampler(Storage(), _cache(str(tmp_path)), "train", memory_mb=1e-6)
