@@ -235,3 +235,38 @@ def test_mtt_names_a_diverged_expert_and_the_key_to_lower():
 def test_a_non_finite_distillation_stops_naming_the_stage_iteration_and_keys():
     with pytest.raises(FloatingPointError, match=r"dynamic stage \(dm\).*iteration \d.*lower dynamic.lr_dynamic"):
         run_dynamic("dm", s2d_set(), class_sampler(), dyn_cfg(iterations=2, lr_dynamic=1e30))
+
+
+def test_dm_takes_its_gradient_class_by_class_equal_to_the_whole_loss():
+    """The class-by-class loop (bounded memory at 400 classes) computes the gradient of the summed loss."""
+    from vdistill.distill.loop import PER_CLASS_OBJECTIVES, _per_class_loss_fn
+
+    sample_real, build = class_sampler(), lambda: ConvNet3D(C, T, SIZE, width=8, head="adaptive")
+    real = lambda c, g: to_model_input(sample_real(c, 4, g))  # noqa: E731
+    by_class, whole = s2d_set(vpc=2), s2d_set(vpc=2)
+    loss = _per_class_loss_fn(PER_CLASS_OBJECTIVES["dm"], by_class, real, build, torch.float32,
+                              torch.device("cpu"))(torch.Generator().manual_seed(5), ExpertCursor([]))
+    g = torch.Generator().manual_seed(5)
+    net = random_network(build, int(torch.randint(2**62, (1,), generator=g)), "cpu")
+    videos, labels = whole.all_videos(g)
+    reference = dm_loss(net.embed, [real(c, g) for c in range(C)], [videos[labels == c] for c in range(C)])
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for mine, theirs in zip(by_class.leaves(), whole.leaves()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_mtt_with_fewer_synthetic_items_per_step_than_the_set_holds_trains_and_resumes_exactly():
+    """batch_syn < C*vpc, as the K400 preset (256 of 400 videos): minibatched student steps."""
+    snapshot, _ = video_experts(2)
+    kwargs = dict(snapshot=snapshot, expert_ids=[0, 1])
+    cfg = dyn_cfg(iterations=4, batch_syn=2)
+    before = s2d_set(vpc=2).dynamic_memory.detach().clone()
+    straight = run_dynamic("mtt", s2d_set(vpc=2), class_sampler(), cfg, 1, **kwargs)
+    assert not torch.equal(straight.dynamic_memory, before)
+    saved: list[dict] = []
+    run_dynamic("mtt", s2d_set(vpc=2), class_sampler(), dyn_cfg(iterations=2, batch_syn=2, checkpoint_every=2), 1,
+                on_checkpoint=saved.append, **kwargs)
+    resumed = run_dynamic("mtt", s2d_set(vpc=2), class_sampler(), cfg, 1, state=saved[0], **kwargs)
+    for name, tensor in straight.state_tensors().items():
+        assert torch.equal(tensor, resumed.state_tensors()[name]), name

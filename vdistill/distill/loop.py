@@ -12,14 +12,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig
 from vdistill.data.pixels import to_model_input
-from vdistill.distill.objectives import MTT_MODES, dc_loss, dm_loss, mtt_plan, random_network
+from vdistill.distill.objectives import MTT_MODES, dc_class_loss, dm_loss, mtt_plan, random_network
 from vdistill.distill.synset import RealSampler, S2DSet, draw_seed, random_real_frames
 from vdistill.errors import UserError
 from vdistill.models import build_model, seeded
@@ -39,6 +39,7 @@ class SyntheticSet(Protocol):
 
     def materialize(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
     def all_videos(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def videos_by_class(self, generator: torch.Generator) -> Iterator[torch.Tensor]: ...
     def leaves(self) -> list[torch.Tensor]: ...
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
@@ -74,26 +75,31 @@ class Diverged(UserError, FloatingPointError):
     """A distillation stage met a non-finite loss, synthetic tensor or expert; the message names the key to lower."""
 
 
-# `objective(net, real_by_class, syn_by_class) -> loss`: how one fresh random network compares the two sides.
-PerClassObjective = Callable[[nn.Module, list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+# `objective(net, c, real_c, syn_c) -> loss`: how one fresh random network compares the two sides of class c.
+PerClassObjective = Callable[[nn.Module, int, torch.Tensor, torch.Tensor], torch.Tensor]
 PER_CLASS_OBJECTIVES: dict[str, PerClassObjective] = {
-    "dm": lambda net, real, syn: dm_loss(net.embed, real, syn),
-    "dc": dc_loss,
+    "dm": lambda net, c, real, syn: dm_loss(net.embed, [real], [syn]),
+    "dc": dc_class_loss,
 }
 
 
 def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
                        real_batch: Callable[[int, torch.Generator], torch.Tensor], build_net: Callable[[], nn.Module],
-                       num_classes: int, dtype: torch.dtype, device: torch.device) -> LossFn:
-    """DM / DC: a fresh random network per iteration, every synthetic item vs a real batch per class."""
+                       dtype: torch.dtype, device: torch.device) -> LossFn:
+    """DM / DC: a fresh random network per iteration, every synthetic item vs a real batch per class.
+
+    The loss is a sum over classes, so its gradient is accumulated class by class: peak memory holds one
+    class's real batch and graph, whatever the number of classes (400 for Kinetics).
+    """
 
     def loss_fn(generator: torch.Generator, cursor: ExpertCursor) -> torch.Tensor:
         net = random_network(build_net, draw_seed(generator), device, dtype)
-        videos, labels = synset.all_videos(generator)
-        real = [real_batch(c, generator).to(dtype) for c in range(num_classes)]
-        loss = objective(net, real, [videos[labels == c] for c in range(num_classes)])
-        loss.backward()
-        return loss.detach()
+        total = torch.zeros((), device=device)
+        for c, syn in enumerate(synset.videos_by_class(generator)):
+            loss = objective(net, c, real_batch(c, generator).to(dtype), syn)
+            loss.backward()
+            total += loss.detach()
+        return total
 
     return loss_fn
 
@@ -206,7 +212,7 @@ def _num_items(synset: SyntheticSet) -> int:
 
 
 def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, build: Callable[[], nn.Module],
-             num_classes: int, snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
+             snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
     dtype = synset.leaves()[0].dtype
     if recipe.method == "mtt":
         if snapshot is None:
@@ -220,7 +226,7 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
             return to_model_input(random_real_frames(sample_real, c, recipe.batch_real, g), device)
         return to_model_input(sample_real(c, recipe.batch_real, g), device)
 
-    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, num_classes, dtype, device)
+    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, dtype, device)
 
 
 def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, generator: torch.Generator,
@@ -246,8 +252,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
         if recipe.mtt.train_lr:
             optimizers["syn_lr"] = torch.optim.SGD([synset.syn_lr], lr=recipe.mtt.lr_lr,
                                                    momentum=recipe.syn_lr_momentum)
-    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), num_classes, snapshot,
-                       device)
+    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), snapshot, device)
     cursor = ExpertCursor(list(expert_ids))
     start = 0
     if state is not None:

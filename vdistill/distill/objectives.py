@@ -70,12 +70,18 @@ def dc_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class:
 
     `net` supplies the architecture and its current weights; batches are `(n, 3, H, W)` images of class c.
     """
-    theta = flat_params(net).to(next(net.parameters())).requires_grad_(True)
     loss = torch.zeros(())
     for c, (real, syn) in enumerate(zip(real_by_class, syn_by_class, strict=True)):
-        real_grad = {k: v.detach() for k, v in _class_grad(net, theta, real, c, create_graph=False).items()}
-        loss = loss.to(theta) + gradient_distance(real_grad, _class_grad(net, theta, syn, c, create_graph=True))
+        term = dc_class_loss(net, c, real, syn)
+        loss = loss.to(term) + term
     return loss
+
+
+def dc_class_loss(net: nn.Module, c: int, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
+    """One class's term of `dc_loss`: lets a loop take its gradient class by class."""
+    theta = flat_params(net).to(next(net.parameters())).requires_grad_(True)
+    real_grad = {k: v.detach() for k, v in _class_grad(net, theta, real, c, create_graph=False).items()}
+    return gradient_distance(real_grad, _class_grad(net, theta, syn, c, create_graph=True))
 
 
 def _class_grad(net: nn.Module, theta: torch.Tensor, x: torch.Tensor, c: int, create_graph: bool

@@ -12,7 +12,7 @@ and the artifact share one materialisation rule. Storage accounting (METHOD.md 5
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -261,6 +261,17 @@ class S2DSet:
         """One video per slot, class-major: `(C*vpc, T, 3, H, W)` and labels."""
         return self.materialize(torch.arange(self.layout.num_slots), generator)
 
+    def videos_by_class(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Class by class, `(vpc, T, 3, H, W)`, differentiable: what `all_videos` returns, without holding every
+        class's graph at once. Every slot's pairing is drawn first, as `all_videos` draws it, so what the caller
+        draws from `generator` between classes does not change it."""
+        slots = torch.arange(self.layout.num_slots)
+        static_idx, dynamic_idx = self.layout.draw_pairing(slots, generator)
+        for c in range(self.layout.num_classes):
+            own = slice(c * self.layout.vpc, (c + 1) * self.layout.vpc)
+            yield integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots[own],
+                                  (static_idx[own], dynamic_idx[own]))
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Detached copies of everything that defines the set (checkpoints and export)."""
         out = {"static_memory": self.static_memory, "dynamic_memory": self.dynamic_memory, "syn_lr": self.syn_lr}
@@ -361,6 +372,11 @@ class PixelSet:
 
     def all_videos(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.materialize(torch.arange(self.num_slots), generator)
+
+    def videos_by_class(self, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Class by class, `(vpc, ...)`: the class-major rows of the set."""
+        for c in range(self.num_classes):
+            yield self.videos[c * self.vpc : (c + 1) * self.vpc]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"videos": self.videos.detach().clone(), "syn_lr": self.syn_lr.detach().clone()}
