@@ -109,8 +109,8 @@ def training_set(cfg: Config, storage: Storage, row: Row, outputs: dict[str, Any
             return TensorSource(train.videos, train.labels), storage_mb(train.videos, as_float32=True)
         frames, size = train.videos.shape[1], train.videos.shape[2]
         embedder = build_model("convnet3d", len(train.classes), frames, size, cfg.model, seed=cfg.run.seed)
-        subset = select_coreset(row.stage.split(":", 1)[1], train, cfg.dynamic.vpc, embedder, "cpu",
-                                torch.Generator().manual_seed(cfg.run.seed))
+        subset = select_coreset(row.stage.split(":", 1)[1], train.class_clips, train.classes, cfg.dynamic.vpc,
+                                embedder, "cpu", torch.Generator().manual_seed(cfg.run.seed))
         return TensorSource(subset.videos, subset.labels), storage_mb(subset.videos, as_float32=True)
     dataset = load_distilled(outputs[row.stage]["set"], storage, seed=cfg.run.seed)
     if row.transform is not None:

@@ -74,7 +74,7 @@ def clip_set() -> ClipSet:
 def test_select_coreset_keeps_k_real_clips_per_class_class_major(method):
     full = clip_set()
     embedder = build_model("convnet3d", 3, 8, 16, ModelConfig(width=16, head="adaptive"), seed=0)
-    core = select_coreset(method, full, 2, embedder, "cpu", torch.Generator().manual_seed(0))
+    core = select_coreset(method, full.class_clips, full.classes, 2, embedder, "cpu", torch.Generator().manual_seed(0))
     assert isinstance(core, ClipSet) and core.classes == full.classes
     assert core.videos.dtype == torch.uint8 and core.videos.shape == (6, 8, 16, 16, 3)
     assert core.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -85,4 +85,5 @@ def test_select_coreset_keeps_k_real_clips_per_class_class_major(method):
 
 def test_herding_needs_an_embedder():
     with pytest.raises(ValueError, match="embedder"):
-        select_coreset("herding", clip_set(), 1, None, "cpu", torch.Generator())
+        full = clip_set()
+        select_coreset("herding", full.class_clips, full.classes, 1, None, "cpu", torch.Generator())

@@ -7,16 +7,13 @@ distance collapses to a scalar, so its 2nd centre is always sample 0 and k >= 3 
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 from torch import nn
 
+from vdistill.data.clips import ClipSet
 from vdistill.train import model_batch
-
-if TYPE_CHECKING:
-    from vdistill.data.clips import ClipSet
 
 METHODS = ("random", "herding", "kcenter")
 
@@ -64,28 +61,29 @@ def embed_clips(embedder: nn.Module, videos: torch.Tensor, device: torch.device 
                       for index in torch.arange(len(videos)).split(batch_size)])
 
 
-def select_coreset(method: str, clipset: ClipSet, k_per_class: int, embedder: nn.Module | None,
-                   device: torch.device | str, generator: torch.Generator) -> ClipSet:
-    """`k_per_class` real clips per class, class-major, as a ClipSet of the same type (uint8 clips, same classes).
+def select_coreset(method: str, class_clips: Callable[[int], torch.Tensor], classes: list[str], k_per_class: int,
+                   embedder: nn.Module | None, device: torch.device | str, generator: torch.Generator) -> ClipSet:
+    """`k_per_class` real clips per class, class-major, as a ClipSet (uint8 clips, the given classes).
 
-    `embedder` (any module with `.embed`) is needed for herding and k-center and ignored by random;
-    it is moved to `device` and put in eval mode.
+    `class_clips(c)` returns class c's clips (e.g. `ClipSet.class_clips`, or `data.clips.load_class` from the
+    cache), so only one class is in memory at a time. `embedder` (any module with `.embed`) is needed for
+    herding and k-center and ignored by random; it is moved to `device` and put in eval mode.
     """
     if method not in METHODS:
         raise ValueError(f"coreset method must be one of {METHODS}, got {method!r}")
     if method != "random" and embedder is None:
         raise ValueError(f"coreset method {method!r} needs an embedder network with .embed()")
     picked = []
-    for c in range(len(clipset.classes)):
-        members = (clipset.labels == c).nonzero().flatten()
+    for c in range(len(classes)):
+        members = class_clips(c)
         if method == "random":
             local = random_choice(len(members), k_per_class, generator)
         else:
             select = herding if method == "herding" else kcenter
-            local = select(embed_clips(embedder.to(device), clipset.videos[members], device).cpu(), k_per_class)
-        picked.append(members[local])
-    index = torch.cat(picked)
-    return dataclasses.replace(clipset, videos=clipset.videos[index], labels=clipset.labels[index])  # copies
+            local = select(embed_clips(embedder.to(device), members, device).cpu(), k_per_class)
+        picked.append(members[local].clone())
+    labels = torch.arange(len(classes)).repeat_interleave(k_per_class)
+    return ClipSet(torch.cat(picked), labels, list(classes))
 
 
 def _check(n: int, k: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from vdistill.config import Config
 from vdistill.coreset import select_coreset
-from vdistill.data.clips import ClipSet, load_split
+from vdistill.data.clips import ClipSet, load_class, load_split, read_manifest
 from vdistill.device import resolve_device
 from vdistill.distill.synset import storage_mb
 from vdistill.evaluate import TensorSource, evaluate_set, format_results_table, launch_evaluation
@@ -31,32 +31,36 @@ def stage(cfg: Config, ingest: Stage, distilled: list[tuple[str, Stage]], video_
     return Stage("evaluate", "evaluate", reads, upstream, lambda ctx: _evaluate(ctx, ingest, distilled, embedder))
 
 
-def coreset(cfg: Config, storage: Storage, train: ClipSet, method: str, k: int, trajectory: str | None):
-    """`k` real clips per class of `train` chosen by `method`, embedded by a random ConvNet3D or, given a
-    `trajectory`, by that expert's last snapshot."""
-    frames, size = train.videos.shape[1], train.videos.shape[2]
-    embedder = build_model("convnet3d", len(train.classes), frames, size, cfg.model, seed=cfg.run.seed)
+def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None) -> ClipSet:
+    """`k` real clips per class of the training split chosen by `method`, one class in memory at a time, embedded
+    by a random ConvNet3D or, given a `trajectory`, by that expert's last snapshot."""
+    manifest = read_manifest(storage, cache_uri)
+    classes = list(manifest["classes"])
+    embedder = build_model("convnet3d", len(classes), manifest["frames"], manifest["size"], cfg.model,
+                           seed=cfg.run.seed)
     if trajectory is not None:
         reader = TrajectoryReader(storage, trajectory)
         load_flat_(embedder, reader.snapshot(reader.num_snapshots - 1))
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    return select_coreset(method, train, k, embedder, resolve_device(cfg.run.device), generator)
+    return select_coreset(method, lambda c: load_class(storage, cache_uri, cfg.data.train_split, c), classes, k,
+                          embedder, resolve_device(cfg.run.device), generator)
 
 
-def _training_sets(ctx: RunContext, train: ClipSet, distilled: list[tuple[str, Stage]], embedder: Stage | None
+def _training_sets(ctx: RunContext, cache: str, distilled: list[tuple[str, Stage]], embedder: Stage | None
                    ) -> list[tuple[str, int, Any, float, int]]:
     """(method label, vpc, source, storage MB, clips) for every row of the results table."""
     cfg, vpc = ctx.cfg, ctx.cfg.dynamic.vpc
     trajectory = ctx.output(embedder)["trajectories"][0] if embedder else None
     rows = []
     for method in cfg.baselines.coresets:
-        subset = coreset(cfg, ctx.storage, train, method, vpc, trajectory)
+        subset = coreset(cfg, ctx.storage, cache, method, vpc, trajectory)
         rows.append((method, vpc, TensorSource(subset.videos, subset.labels),
                      storage_mb(subset.videos, as_float32=True), len(subset.labels)))
     for label, stage in distilled:
         dataset = load_distilled(ctx.output(stage)["set"], ctx.storage, seed=cfg.run.seed)
         rows.append((label, vpc, dataset, dataset.meta["storage"]["total_mb"], len(dataset)))
     if cfg.baselines.full:
+        train = ctx.split(cache, cfg.data.train_split)
         rows.append(("full data", 0, TensorSource(train.videos, train.labels),
                      storage_mb(train.videos, as_float32=True), len(train.labels)))
     return rows
@@ -67,8 +71,7 @@ def _evaluate(ctx: RunContext, ingest: Stage, distilled: list[tuple[str, Stage]]
     cfg, cache = ctx.cfg, ctx.output(ingest)["cache"]
     test = ctx.split(cache, cfg.data.test_split)
     jobs = []
-    for label, vpc, source, mb, clips in _training_sets(ctx, ctx.split(cache, cfg.data.train_split), distilled,
-                                                        embedder):
+    for label, vpc, source, mb, clips in _training_sets(ctx, cache, distilled, embedder):
         epochs = cfg.baselines.full_epochs if label == "full data" else None
         jobs.append((label, vpc, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source), storage_mb=mb,
                                                    clips=clips, epochs=epochs)))
@@ -103,8 +106,7 @@ def evaluate_standalone(cfg: Config, storage: Storage, *, synthetic: str | None,
     elif coreset_method:
         trajectory = (list_trajectories(storage, cfg.run_uri, "video")[0]
                       if cfg.evaluate.coreset_embedder == "expert" else None)
-        subset = coreset(cfg, storage, load_split(storage, cfg.cache_uri, cfg.data.train_split), coreset_method, k,
-                         trajectory)
+        subset = coreset(cfg, storage, cfg.cache_uri, coreset_method, k, trajectory)
         label, source, mb, clips = coreset_method, TensorSource(subset.videos, subset.labels), storage_mb(
             subset.videos, as_float32=True), len(subset.labels)
         out = join(cfg.cache_uri, "evaluations", f"{coreset_method}-vpc{k}-seed{cfg.run.seed}.json")
