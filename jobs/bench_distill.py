@@ -1,6 +1,11 @@
 """Benchmark the distillation loop: seconds per iteration (DM, MTT) and peak memory, memory-constant vs unrolled.
 
-Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`.
+Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`
+       `python jobs/bench_distill.py --pipeline`
+
+`--pipeline`: the DM+S2D dynamic stage run through the pipeline (`run_pipeline`: coordinator actor, local Ray,
+real footage at 16 classes x 16x64^2, ConvNet3D width 128 paper head, batch_real 16), its seconds per iteration
+(from the stage's manifest) next to the library loop's at the same shape with every core.
 
 `--shape small` (the default): an S2D set of 10 classes x 1 video, 8x32^2 clips, ConvNet3D width 64, syn_steps
 5/10/20. `--shape paper`: the original code's configuration (16 classes x 1 video, 16x64^2, ConvNet3D width 128
@@ -39,7 +44,13 @@ SHAPES = {
                   syn_steps=[5, 10, 20]),
     "paper": dict(classes=16, vpc=1, frames=16, size=64, width=128, head="paper", set="pixels", batch_real=16,
                   syn_steps=[10, 20]),
+    "pipeline": dict(classes=16, vpc=1, frames=16, size=64, width=128, head="paper", set="s2d", batch_real=16,
+                     syn_steps=[]),
 }
+PIPELINE = ["demo.kind=footage", "demo.train_per_class=8", "demo.test_per_class=2", "demo.size=64", "demo.frames=16",
+            "decode.frames=16", "decode.size=64", "model.width=128", "model.head=paper", "train.standardize=true",
+            "dynamic.method=dm", "dynamic.batch_real=16", "baselines.s2d_methods=[]", "baselines.pixel_methods=[]",
+            "static.iterations=1", "tracking.enabled=false", "run.name=bench-pipeline"]
 # The original code at the paper shape, 2 threads, on this machine kind (issue 12): (s/iteration, peak GB).
 ORIGINAL = {("dm", 1): (8.2, 2.7), ("mtt", 10): (58.0, 3.6), ("mtt", 20): (134.0, 6.0)}
 
@@ -131,16 +142,21 @@ def _measure(spec: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="small", choices=["small", "paper"])
     parser.add_argument("--quick", action="store_true", help="one timed iteration, the two smallest syn_steps")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per worker (default: 1 for small, the least noisy when shared; 2 for paper, "
                         "as the reference figures)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="the dynamic stage through the pipeline vs the library")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if args.pipeline:
+        pipeline_vs_library(args.device, 2 if args.quick else 4)
         return
 
     shape = SHAPES[args.shape]
@@ -150,8 +166,8 @@ def main() -> None:
     base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape)
     tic = time.perf_counter()
     print(f"{shape['set']} set, {shape['classes']} classes x vpc {shape['vpc']}, clips {shape['frames']}x"
-          f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, batch_real {shape['batch_real']}, "
-          f"{threads} thread(s), best of {iters} iterations after one warm-up")
+          f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, "
+          f"batch_real {shape['batch_real']}, {threads} thread(s), best of {iters} iterations after one warm-up")
     dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
     print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB\n")
     header = (f"{'syn_steps':>9} | {'unrolled s/it':>13} {'constant s/it':>13} {'time ratio':>10} | "
@@ -181,6 +197,33 @@ def main() -> None:
         if line.endswith(":"):
             continue
         print(line)
+
+
+def pipeline_vs_library(device: str, iters: int) -> None:
+    """Seconds per DM+S2D iteration inside `run_pipeline` (what a user's run gets) and in the bare library loop."""
+    import tempfile
+
+    from vdistill.config import load_config
+    from vdistill.coordinator import connect_ray, run_pipeline
+
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="vdistill-bench-") as root:
+        cfg = load_config(None, [*PIPELINE, f"run.root={root}", f"dynamic.iterations={iters + 1}",
+                                 f"run.device={device}"])
+        connect_ray(cfg)
+        tic = time.perf_counter()
+        through = run_pipeline(cfg, until="distill", demo=True)["dynamic-dm"]["seconds_per_iteration"]
+        wall = time.perf_counter() - tic
+    library = _measure({"device": device, "threads": threads, "iters": iters, "shape": "pipeline", "method": "dm",
+                        "mode": "constant", "syn_steps": 1})
+    shape = SHAPES["pipeline"]
+    print(f"\nDM+S2D dynamic stage, {shape['classes']} classes x vpc 1, {shape['frames']}x{shape['size']}^2, "
+          f"ConvNet3D width {shape['width']} paper head, batch_real {shape['batch_real']}, {threads} core(s), "
+          f"device {library['device']}")
+    print(f"{'where':<32} {'best s/it':>9} {'median s/it':>11}")
+    print(f"{'through the pipeline':<32} {through['best']:>9.3f} {through['median']:>11.3f}   (whole run {wall:.0f} s)")
+    print(f"{'library loop, ' + str(threads) + ' threads':<32} {library['seconds']:>9.3f} {'':>11}")
+    print(f"pipeline / library: {through['best'] / library['seconds']:.2f}x")
 
 
 def _versus_original(shape: str, method: str, syn_steps: int, measured: dict) -> str:

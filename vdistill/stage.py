@@ -68,6 +68,7 @@ class RunContext:
     input_hash: str
     outputs: Mapping[str, dict[str, Any]]  # every finished stage's outputs, by name
     _splits: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _seconds: list[float] = field(default_factory=list, repr=False)
 
     def uri(self, *parts: str) -> str:
         return join(self.folder, *parts)
@@ -97,6 +98,13 @@ class RunContext:
             sampler.load_state(state.pop("sampler"))
         return state, lambda s: save_state(self.storage, uri, {**s, "sampler": sampler.state()})
 
+    def iteration_seconds(self) -> dict[str, float]:
+        """Median and fastest seconds per iteration of this stage's loop so far (for its manifest)."""
+        if not self._seconds:
+            return {}
+        ordered = sorted(self._seconds)
+        return {"median": ordered[len(ordered) // 2], "best": ordered[0], "iterations": len(ordered)}
+
     def progress(self, prefix: str, total: int, start: int) -> Callable[[int, dict[str, float]], None]:
         """Per-iteration callback: MLflow metrics plus a progress bar (loss, syn_lr) in the log."""
         from tqdm.auto import tqdm
@@ -104,6 +112,7 @@ class RunContext:
         bar = tqdm(total=total, initial=start, desc=prefix, unit="it", mininterval=5)
 
         def log(iteration: int, metrics: dict[str, float]) -> None:
+            self._seconds.append(metrics["seconds"])
             self.tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", syn_lr=f"{metrics['syn_lr']:.3g}", refresh=False)
             bar.update(1)

@@ -74,7 +74,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                       classes=sampler.classes, syn_lr=learned_lr(synset, recipe), config_hash=ctx.input_hash,
                       metrics={"best_during_distillation": best})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "seconds_per_iteration": ctx.iteration_seconds()}
 
 
 def _log_evaluations(ctx: RunContext, name: str, pending: list[tuple[int, PendingEvaluation]]) -> dict[str, Any]:

@@ -48,4 +48,5 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | 
     uri = ctx.uri(SET_FOLDER)
     meta = export_pixels(ctx.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,
                          syn_lr=learned_lr(pixels, recipe), config_hash=ctx.input_hash)
-    return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"]}
+    return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"],
+            "seconds_per_iteration": ctx.iteration_seconds()}

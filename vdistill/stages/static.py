@@ -51,4 +51,5 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
         "classes": ",".join(sampler.classes), "normalisation": "imagenet", "layout": str(layout.to_dict())})
     ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
     return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
-            "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc}
+            "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc,
+            "seconds_per_iteration": ctx.iteration_seconds()}

@@ -1,0 +1,205 @@
+"""Memory and time of every stage as the data grows: a Kinetics-shaped cache (400 classes) at N clips per class.
+
+Usage: `python jobs/bench_scale.py [--sizes 5 20 80] [--classes 400] [--frames 8] [--size 32] [--quick]`
+
+For each N a clip cache of `classes` x N training clips (plus a fixed test split of 2 clips per class) is written
+straight to Parquet in the layout ingest writes (row groups of 16 clips), then every stage runs on it for a few
+iterations/epochs, each in a fresh subprocess, so that the subprocess's peak RSS (`ru_maxrss`) is the memory of
+the process that does that stage's work:
+
+- ingest: `run_ingest` on generated mp4 files (fewer classes: `--ingest-classes`, encoding 32k videos would
+  dominate the benchmark), peak RSS of the largest Ray worker process (polled) and of the driver;
+- experts: one expert trained by `train_expert` (what a Ray Train worker runs), streaming its epochs;
+- static-dm, dynamic-dm, dynamic-mtt: the coordinator's loops (`distill`) with the real-clip sampler at
+  `--sampler-mb` (a budget that the largest N exceeds, so the bound is exercised);
+- evaluate: herding on the training split (class by class) and one evaluation network trained on the coreset;
+  evaluate-full: the full-data baseline, one epoch streamed from the cache.
+
+Prints a table (peak RSS MiB and seconds per epoch/iteration per N) and, last, the worst stage's memory growth
+between the smallest and the largest N: `memory growth over 16x data: worst stage <name> <ratio>x`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("ingest", "experts", "static-dm", "dynamic-dm", "dynamic-mtt", "evaluate", "evaluate-full")
+TEST_PER_CLASS = 2
+ROWS_PER_GROUP = 16
+
+
+def write_cache(root: str, classes: int, per_class: int, frames: int, size: int) -> str:
+    """A cache of random uint8 clips with a per-class colour (enough structure for the losses to be non-trivial)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vdistill.data.clips import MANIFEST, partition_uri
+    from vdistill.storage import Storage, join
+
+    storage, cache = Storage(), join(root, "cache")
+    rng = np.random.default_rng(0)
+    counts: dict[str, dict[str, int]] = {}
+    for split, n in (("train", per_class), ("test", TEST_PER_CLASS)):
+        counts[split] = {}
+        for c in range(classes):
+            clips = rng.integers(0, 160, (n, frames, size, size, 3), dtype=np.uint8)
+            clips[..., c % 3] += 90
+            table = pa.table({"clip": pa.array(list(clips.reshape(n, -1)), pa.list_(pa.uint8())),
+                              "label": pa.array([c] * n, pa.int64()),
+                              "key": pa.array([f"{split}-{c:04d}-{i:05d}" for i in range(n)])})
+            folder = partition_uri(cache, split, c)
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, f"{folder}/part-0.parquet", row_group_size=ROWS_PER_GROUP)
+            counts[split][str(c)] = n
+    storage.write_json(join(cache, MANIFEST), {
+        "classes": [f"class {c:03d}" for c in range(classes)], "frames": frames, "size": size,
+        "splits": ["test", "train"], "counts": counts})
+    return cache
+
+
+# ---- stage workers (each in its own process) ----------------------------------------------------------------
+def _config(spec: dict):
+    from vdistill.config import load_config
+
+    return load_config(None, [
+        f"run.root={spec['root']}/runs", "run.name=scale", f"cache.uri={spec['cache']}", "run.device=cpu",
+        f"model.width={spec['width']}", "model.head=adaptive", f"model.width_2d={spec['width']}",
+        "experts.epochs=2", "experts.batch_size=64", "experts.test_every=0", f"cache.sampler_mb={spec['sampler_mb']}",
+        "dynamic.batch_real=8", "static.batch_real=8", "dynamic.syn_steps=2", "dynamic.max_start_epoch=1",
+        "dynamic.expert_epochs=1", "dynamic.batch_syn=256", "evaluate.epochs=2", "evaluate.batch_size=64",
+        "tracking.enabled=false"])
+
+
+def _distill_worker(spec: dict) -> dict:
+    """static-dm / dynamic-dm / dynamic-mtt: the coordinator's loop over the bounded sampler."""
+    import torch
+
+    from vdistill.data.clips import ClassSampler
+    from vdistill.distill.loop import Recipe, distill
+    from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory
+    from vdistill.models import build_model, flat_params
+    from vdistill.storage import Storage
+
+    cfg, seconds = _config(spec), []
+    generator = torch.Generator().manual_seed(0)
+    with ClassSampler(Storage(), spec["cache"], "train", memory_mb=cfg.cache.sampler_mb) as sampler:
+        c, t, size = sampler.num_classes, sampler.manifest["frames"], sampler.manifest["size"]
+        layout = SlotLayout.from_config(c, cfg.dynamic)
+        stills = init_static_memory(layout, size, "real", generator, sampler.sample)
+        snapshot = None
+        if spec["stage"] == "static-dm":
+            synset, recipe = PixelSet(stills, c), Recipe.static(cfg.static.model_copy(update={
+                "iterations": spec["iterations"]}), cfg.dynamic)
+        else:
+            method = spec["stage"].split("-")[1]
+            dynamic = cfg.dynamic.model_copy(update={"method": method, "iterations": spec["iterations"]})
+            synset, recipe = S2DSet.create(layout, stills, t, generator, sample_real=sampler.sample), Recipe.dynamic(
+                dynamic)
+            if method == "mtt":
+                theta = flat_params(build_model("convnet3d", c, t, size, cfg.model, seed=0))
+                steps = [theta + 0.01 * e * torch.randn(theta.shape, generator=generator) for e in range(3)]
+                snapshot = lambda expert, epoch: steps[epoch]  # noqa: E731
+        distill(synset, recipe, sampler.sample, generator, "cpu", num_classes=c, model_cfg=cfg.model,
+                snapshot=snapshot, expert_ids=[0], on_metrics=lambda it, m: seconds.append(m["seconds"]))
+    return {"seconds": min(seconds[1:] or seconds), "unit": "s/iteration"}
+
+
+def _evaluate_worker(spec: dict) -> dict:
+    """evaluate: herding class by class from the cache, then one network trained on it and tested."""
+    import torch
+
+    from vdistill.data.clips import load_split
+    from vdistill.evaluate import TensorSource, train_and_test
+    from vdistill.stages.evaluate import coreset
+    from vdistill.storage import Storage
+
+    cfg, storage = _config(spec), Storage()
+    tic = time.perf_counter()
+    subset = coreset(cfg, storage, spec["cache"], "herding", 1, None)
+    test = load_split(storage, spec["cache"], "test")
+    train_and_test(TensorSource(subset.videos, subset.labels), test, model_name="convnet3d",
+                   num_classes=len(subset.classes), frames=subset.videos.shape[1], size=subset.videos.shape[2],
+                   model_cfg=cfg.model, eval_cfg=cfg.evaluate, train_cfg=cfg.train, lr=0.01, seed=0,
+                   device=torch.device("cpu"))
+    return {"seconds": time.perf_counter() - tic, "unit": "s (herding + 1 network)"}
+
+
+WORKERS = {"static-dm": _distill_worker, "dynamic-dm": _distill_worker, "dynamic-mtt": _distill_worker,
+           "evaluate": _evaluate_worker}
+
+
+def _run_worker(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{spec['stage']} at N={spec['n']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker_main(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    result = WORKERS[spec["stage"]](spec)
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 20, 80], help="training clips per class")
+    parser.add_argument("--classes", type=int, default=400)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32, help="ConvNet3D width")
+    parser.add_argument("--sampler-mb", type=float, default=100.0,
+                        help="cache.sampler_mb of the distillation loops (the default is sized for a GPU node)")
+    parser.add_argument("--iterations", type=int, default=3, help="distillation iterations (the first is warm-up)")
+    parser.add_argument("--stages", nargs="+", default=[s for s in STAGES if s in WORKERS], choices=STAGES)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker_main(json.loads(args.worker))
+        return
+
+    results: dict[str, dict[int, dict]] = {stage: {} for stage in args.stages}
+    tic = time.perf_counter()
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="vdistill-scale-") as root:
+            write_start = time.perf_counter()
+            cache = write_cache(root, args.classes, n, args.frames, args.size)
+            print(f"N={n}: cache of {args.classes} x {n} clips written in {time.perf_counter() - write_start:.0f} s",
+                  flush=True)
+            for stage in args.stages:
+                spec = {"stage": stage, "n": n, "root": root, "cache": cache, "width": args.width,
+                        "sampler_mb": args.sampler_mb, "iterations": args.iterations, "threads": args.threads}
+                results[stage][n] = _run_worker(spec)
+                r = results[stage][n]
+                print(f"  {stage:<14} peak {r['peak_mib']:7.0f} MiB   {r['seconds']:8.3f} {r['unit']}", flush=True)
+
+    small, large = min(args.sizes), max(args.sizes)
+    header = f"{'stage':<14} | " + " | ".join(f"N={n:<4} MiB   time" for n in args.sizes) + " | memory ratio"
+    print(f"\n{args.classes} classes, clips {args.frames}x{args.size}^2, {args.threads} thread(s); "
+          f"wall {time.perf_counter() - tic:.0f} s\n{header}\n{'-' * len(header)}")
+    growth = {}
+    for stage, by_n in results.items():
+        growth[stage] = by_n[large]["peak_mib"] / by_n[small]["peak_mib"]
+        cells = " | ".join(f"{by_n[n]['peak_mib']:7.0f} {by_n[n]['seconds']:7.2f}" for n in args.sizes)
+        print(f"{stage:<14} | {cells} | {growth[stage]:.2f}x")
+    worst = max(growth, key=growth.get)
+    print(f"memory growth over {large // small}x data: worst stage {worst} {growth[worst]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
