@@ -96,9 +96,10 @@ def _index_rows(classes: list[str], items: list[tuple[str, str, str, float | Non
 def kinetics400(data_cfg: Any, storage: Any) -> Manifest:
     """train.csv -> train, validate.csv (or val.csv; else test.csv) -> test. Clips are pre-trimmed files.
 
-    File `<youtube_id>_<start:06d>_<end:06d>.mp4` under `<root>/<split dir>/` (flat or per-label folder,
-    label with spaces or underscores), else under `<root>/<k400_replacement>/` (also its nested
-    `replacement_for_corrupted_k400/`, where the official replacement archive unpacks).
+    File `<youtube_id>_<start:06d>_<end:06d>.mp4` under `<root>/<k400_replacement>/` (also its nested
+    `replacement_for_corrupted_k400/`, where the official replacement archive unpacks), else under
+    `<root>/<split dir>/` (flat or per-label folder, label with spaces or underscores). A replacement wins:
+    it has the same name as the corrupted original, which the download still has in its split folder.
     """
     ann = _annotations(data_cfg)
     files = _FileIndex(storage, data_cfg.root)
@@ -115,8 +116,8 @@ def kinetics400(data_cfg: Any, storage: Any) -> Manifest:
                 continue
             labels.add(label)
             name = f"{rec['youtube_id']}_{int(rec['time_start']):06d}_{int(rec['time_end']):06d}.mp4"
-            cands = [f"{d}/{sub}{name}" for d in dirs for sub in ("", f"{label}/", f"{label.replace(' ', '_')}/")]
-            cands += [f"{repl}/{name}", f"{repl}/replacement_for_corrupted_k400/{name}"]
+            cands = [f"{repl}/{name}", f"{repl}/replacement_for_corrupted_k400/{name}"]
+            cands += [f"{d}/{sub}{name}" for d in dirs for sub in ("", f"{label}/", f"{label.replace(' ', '_')}/")]
             uri = files.find(cands)
             if uri is None:
                 missing.append(_missing(join(data_cfg.root, dirs[0], name), f"K400 clip not found ({label})"))
