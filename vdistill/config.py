@@ -52,7 +52,8 @@ class DataConfig(_Section):
     annotations: str = Field("", description="URI of the annotation files (default: data.root)")
     split_id: int = Field(1, ge=1, le=3, description="official split number (UCF101, HMDB51)")
     hmdb_unused_as_train: bool = Field(True, description="HMDB51: count split-file id 0 (unused) as train, like the paper")
-    k400_replacement: str = Field("replacement", description="K400 folder (under root) searched when a clip is missing")
+    k400_replacement: str = Field(
+        "replacement", description="K400 folder (under root) whose clips win over the same-named originals")
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
     test_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
 
@@ -91,9 +92,15 @@ class DecodeConfig(_Section):
 class CacheConfig(_Section):
     uri: str = Field("", description="clip cache URI (default: <run.root>/<run.name>/cache)")
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    videos_per_task: int = Field(16, ge=1, description="videos decoded per Ray task (map_batches batch size)")
-    cpus_per_task: float = Field(1.0, gt=0)
-    max_rows_per_file: int = Field(512, ge=1)
+    videos_per_task: int = Field(
+        256, ge=1, description="most videos per Ray decode task; within it, tasks are cut to 4 per CPU slot so "
+        "the cores stay busy to the end and Ray's per-task cost is paid rarely")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs per ingest task; also its codec threads")
+    file_mb: float = Field(
+        64.0, gt=0, description="a class's clip files are cut once they reach this size (MB): B bytes of a class "
+        "take at most ceil(B / file_mb) files")
+    rows_per_group: int = Field(
+        16, ge=1, description="clips per Parquet row group at most: the smallest read of a random-row-group reader")
     sampler_mb: float = Field(
         8192.0, gt=0, description="memory of the distillation's real-clip sampler, all classes together; a class "
         "that does not fit its share is sampled from a rotating random pool of its clips")

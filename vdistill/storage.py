@@ -115,16 +115,21 @@ class Storage:
         return sorted(f"{prefix}/{os.path.relpath(i.path, path)}" for i in infos)
 
     # ---- writing ----------------------------------------------------------------------------
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        """Atomic: readers see the old object, nothing, or the whole new one."""
+    def write_bytes(self, uri: str, data: bytes, *, durable: bool = True) -> None:
+        """Atomic: readers see the old object, nothing, or the whole new one.
+
+        `durable=False` skips the local fsync (the rename still keeps the file whole) for scratch files that a
+        machine crash makes worthless anyway, e.g. ingest staging shards, which a re-run deletes.
+        """
         fs, path = self.resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
             return
         with fs.open_output_stream(path) as out:  # S3: the object appears when the upload completes
