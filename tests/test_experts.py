@@ -1,14 +1,17 @@
-"""Expert trajectories: Ray Train workers train independent experts, resume after a crash, skip finished work."""
+"""Expert trajectories: Ray Train workers train independent experts of both kinds in one run, taking them from a
+shared queue, resume after a crash, skip finished work."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from vdistill.config import load_config
+from vdistill.data.stream import SplitStream
 from vdistill.data.ingest import MANIFEST, _write_part
 from vdistill.experts import (ExpertJob, ExpertsFailed, TrajectoryReader, list_trajectories, plan_experts,
                               run_experts, snapshot_name, train_expert)
@@ -73,7 +76,7 @@ def video_run(ray_session, cache_root):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = tiny_config(cache_root, "video", "experts.num_experts=4", "experts.num_workers=2")
     fail = FailOnce(f"{cache_root}/fail-marker", FAIL_EXPERT, FAIL_EPOCH)
-    return cfg, run_experts(cfg, Storage(), "video", progress=False, on_epoch=fail)
+    return cfg, run_experts(cfg, Storage(), ["video"], progress=False, on_epoch=fail)["video"]
 
 
 def test_each_expert_gets_a_file_with_init_plus_one_snapshot_per_epoch(video_run):
@@ -126,7 +129,7 @@ def test_second_invocation_is_a_noop(video_run):
     storage = Storage()
     folder = join(cfg.run_uri, "experts", "video")
     before = {p: os.stat(p).st_mtime_ns for p in storage.list_files(folder)}
-    assert run_experts(cfg, storage, "video", progress=False) == uris
+    assert run_experts(cfg, storage, ["video"], progress=False) == {"video": uris}
     assert {p: os.stat(p).st_mtime_ns for p in storage.list_files(folder)} == before
 
 
@@ -142,20 +145,88 @@ def test_reader_snapshot_equals_the_written_tensor(video_run):
         reader.snapshot(EPOCHS + 1)
 
 
-def test_frame_experts_train_a_2d_network_on_single_frames(ray_session, cache_root):
-    cfg = tiny_config(cache_root, "frames", "experts.num_experts=1", "experts.num_workers=1")
-    (uri,) = run_experts(cfg, Storage(), "frame", progress=False)
-    reader = TrajectoryReader(Storage(), uri)
+class WaitForTheOthers:
+    """`on_epoch` hook: video expert 0 waits at its first epoch until every other expert has finished, which
+    happens only if the other worker takes all of them while this one is busy (a fixed share per rank would
+    leave one of them queued behind the waiting expert)."""
+
+    def __init__(self, others: list[str], timeout_s: float = 120.0) -> None:
+        self.others, self.timeout_s = others, timeout_s
+
+    def __call__(self, job: ExpertJob, epoch: int) -> None:
+        if (job.kind, job.index, epoch) != ("video", 0, 1):
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not all(os.path.exists(uri) for uri in self.others):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other experts never finished while video expert 0 waited")
+            time.sleep(0.2)
+
+
+def ray_train_runs(cfg) -> int:
+    return len(os.listdir(join(cfg.run_uri, "experts", "_ray_train")))
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_session, cache_root):
+    """2 video + 2 frame experts in one run of 2 workers; video expert 0 waits until the three others are done."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = tiny_config(cache_root, "mixed", "experts.num_experts=2", "experts.num_workers=2", "experts.max_failures=0")
+    others = [job.uri for kind in ("video", "frame") for job in plan_experts(cfg, Storage(), kind)][1:]
+    return cfg, run_experts(cfg, Storage(), ["video", "frame"], progress=False, on_epoch=WaitForTheOthers(others))
+
+
+def test_video_and_frame_experts_train_in_one_ray_train_run(mixed_run):
+    cfg, uris = mixed_run
+    storage = Storage()
+    assert ray_train_runs(cfg) == 1
+    for kind in ("video", "frame"):
+        assert uris[kind] == list_trajectories(storage, cfg.run_uri, kind) and len(uris[kind]) == 2
+        assert storage.is_file(join(cfg.run_uri, "experts", kind, "manifest.json"))
+
+
+def test_a_free_worker_takes_the_next_expert_while_another_is_busy(mixed_run):
+    _, uris = mixed_run
+    finished = {uri: TrajectoryReader(Storage(), uri).meta["history"] for uri in uris["video"] + uris["frame"]}
+    waited = finished.pop(uris["video"][0])
+    assert max(history[-1]["finished_at"] for history in finished.values()) < waited[0]["finished_at"]
+
+
+def test_frame_experts_train_a_2d_network_on_single_frames(mixed_run):
+    _, uris = mixed_run
+    reader = TrajectoryReader(Storage(), uris["frame"][0])
     assert reader.meta["model"]["name"] == "convnet2d" and reader.num_snapshots == EPOCHS + 1
-    assert list_trajectories(Storage(), cfg.run_uri, "frame") == [uri]
     assert not torch.equal(reader.snapshot(0), reader.snapshot(EPOCHS))
+    assert 0 <= reader.meta["history"][-1]["top1"] <= 1
+
+
+def test_the_first_experts_stage_trains_every_planned_kind_and_the_next_finds_its_experts_finished(
+        ray_session, cache_root):
+    from vdistill.lease import Owner
+    from vdistill.stage import RunContext, Stage
+    from vdistill.stages.experts import stages
+    from vdistill.tracking import Tracker
+
+    storage = Storage()
+    cfg = tiny_config(cache_root, "stages", "experts.num_experts=1", "experts.num_workers=2", "tracking.enabled=false")
+    planned = stages(cfg, Stage("ingest", "ingest", {}, (), lambda ctx: {}), ["video", "frame"])
+    assert [stage.name for stage in planned.values()] == ["experts-video", "experts-frame"]
+    outputs: dict[str, dict] = {}
+    for stage in planned.values():
+        ctx = RunContext(cfg, storage, Tracker(cfg), Owner(), print, join(cfg.run_uri, stage.name), "hash", outputs)
+        outputs[stage.name] = stage.body(ctx)
+        assert len(list_trajectories(storage, cfg.run_uri, "frame")) == 1  # already after the video stage
+    assert ray_train_runs(cfg) == 1
+    for kind in ("video", "frame"):
+        assert outputs[f"experts-{kind}"]["trajectories"] == list_trajectories(storage, cfg.run_uri, kind)
 
 
 def test_resumed_expert_is_bit_identical_to_an_uninterrupted_one(cache_root, tmp_path):
-    from vdistill.data.clips import load_split
-
     storage = Storage()
-    train, test = (load_split(storage, f"{cache_root}/cache", s) for s in ("train", "test"))
+    # A buffer of 4 clips, smaller than the split: the shuffle buffer's draws are part of what must repeat.
+    train, test = (SplitStream(storage, f"{cache_root}/cache", s, buffer_mb=0.1) for s in ("train", "test"))
     trajectories = []
     for name, fail in (("straight", False), ("resumed", True)):
         cfg = tiny_config(str(tmp_path), name, f"cache.uri={cache_root}/cache", "experts.num_experts=1",
@@ -189,17 +260,17 @@ def test_input_hash_covers_the_settings_that_shape_the_trajectory_and_only_those
 
 def test_a_diverging_lr_fails_the_stage_naming_the_expert_and_the_key_then_a_sane_lr_finishes(ray_session, cache_root):
     storage = Storage()
-    diverging = tiny_config(cache_root, "diverge", "experts.num_experts=2", "experts.num_workers=1", "experts.lr=1e4")
+    diverging = tiny_config(cache_root, "diverge", "experts.num_experts=2", "experts.num_workers=1", "experts.lr=1e20")
     with pytest.raises(ExpertsFailed, match=r"2 of 2 video experts did not finish") as failure:
-        run_experts(diverging, storage, "video", progress=False)
+        run_experts(diverging, storage, ["video"], progress=False)
     message = str(failure.value)
     assert "video expert 0 diverged in epoch" in message and "video expert 1 diverged" in message
-    assert "experts.lr=10000" in message and "lower experts.lr" in message
+    assert "experts.lr=1e+20" in message and "lower experts.lr" in message
     assert list_trajectories(storage, diverging.run_uri, "video") == []  # nothing non-finite marked finished
     assert not storage.exists(join(diverging.run_uri, "experts", "video", "manifest.json"))
 
     sane = tiny_config(cache_root, "diverge", "experts.num_experts=2", "experts.num_workers=1")
-    uris = run_experts(sane, storage, "video", progress=False)
+    uris = run_experts(sane, storage, ["video"], progress=False)["video"]
     assert len(list_trajectories(storage, sane.run_uri, "video")) == 2
     for uri in uris:
         assert all(torch.isfinite(t).all() for t in storage.read_tensors(uri).values())
@@ -209,10 +280,10 @@ def test_experts_of_an_unfinished_stage_are_retrained_with_new_settings_but_a_fi
         ray_session, cache_root):
     storage = Storage()
     first = tiny_config(cache_root, "relr", "experts.num_experts=1", "experts.num_workers=1")
-    (uri,) = run_experts(first, storage, "video", progress=False)
+    (uri,) = run_experts(first, storage, ["video"], progress=False)["video"]
     changed = tiny_config(cache_root, "relr", "experts.num_experts=1", "experts.num_workers=1", "experts.lr=0.02")
     with pytest.raises(ValueError, match="trained with other settings"):
-        run_experts(changed, storage, "video", progress=False)
+        run_experts(changed, storage, ["video"], progress=False)
     storage.delete(join(first.run_uri, "experts", "video", "manifest.json"))  # as if the stage had failed
-    assert run_experts(changed, storage, "video", progress=False) == [uri]
+    assert run_experts(changed, storage, ["video"], progress=False) == {"video": [uri]}
     assert TrajectoryReader(storage, uri).meta["lr"] == 0.02

@@ -6,15 +6,19 @@ with one flat float32 tensor `(P,)` per epoch (`epoch_000` = the initial weights
 only the byte ranges it needs (METHOD.md W-18) and nothing is unpickled (METHOD.md W-22). Snapshots are copies
 of the weights, never views (METHOD.md W-23). Every expert is written (no `save_interval` drop, METHOD.md W-21).
 
-Experts are independent, not data-parallel: Ray Train runs `experts.num_workers` workers, worker r
-trains experts r, r + W, r + 2W, ... sequentially, each on the whole training split, with no gradient
-all-reduce (no DDP). Fractional `experts.gpus_per_worker` lets several small experts share one GPU.
+Experts are independent, not data-parallel: one Ray Train run of `experts.num_workers` workers trains every
+pending expert of every kind a run needs (video and frame experts together: one start-up, not one per kind).
+Workers take experts from a shared queue, the video experts (the longest) first, so none idles while
+experts are left; each expert streams its epochs from the Parquet cache (`vdistill.data.stream`), so a worker
+holds a shuffle buffer, never a split, and several workers fit on one node or GPU whatever the cache size.
+There is no gradient all-reduce (no DDP). Fractional `experts.gpus_per_worker` lets several small experts
+share one GPU.
 
 Resume (METHOD.md W-16): after every epoch a worker writes the new snapshot plus the expert's optimizer and RNG
-state (`vdistill.checkpoint`, the format the distillation loops use) under `partial/`, so a crashed worker
-restarted by Ray Train (FailureConfig) or a re-submitted run continues from the last finished epoch, bit
-for bit. Finished experts are never retrained, and a run whose experts are all complete returns without
-starting Ray Train.
+state (`vdistill.checkpoint`, the format the distillation loops use) under `partial/`; an epoch's batches are a
+pure function of (expert seed, epoch), so a crashed worker restarted by Ray Train (FailureConfig) or a
+re-submitted run continues from the last finished epoch, bit for bit. Finished experts are never retrained,
+and a run whose experts are all complete returns without starting Ray Train.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,6 +41,7 @@ from torch import nn
 
 from vdistill.checkpoint import load_state, save_state
 from vdistill.config import Config, ExpertsConfig, ModelConfig, TrainConfig
+from vdistill.data.stream import SplitStream
 from vdistill.errors import UserError
 from vdistill.storage import Storage, join
 
@@ -220,14 +226,6 @@ class _Progress:
         return len(self.history)
 
 
-def _select_inputs(kind: str, videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Video experts: `(N, T, H, W, 3)` as is; frame experts: one fixed random frame per clip `(N, H, W, 3)`."""
-    if kind == "video":
-        return videos
-    frame = torch.randint(videos.shape[1], (videos.shape[0],), generator=generator)
-    return videos[torch.arange(videos.shape[0]), frame]
-
-
 def _metadata(job: ExpertJob, model: nn.Module, progress: _Progress) -> dict[str, str]:
     e, t = job.experts, job.train
     meta = {
@@ -256,7 +254,8 @@ def _write_partial(storage: Storage, job: ExpertJob, snapshot: torch.Tensor, opt
                    generator: torch.Generator, device: torch.device, progress: _Progress) -> None:
     """Snapshot first, then the state that points at it: a crash in between leaves the previous epoch valid.
 
-    The RNG states are the expert's shuffling generator and the global streams (init, dropout) it forked.
+    The RNG states are the expert's augmentation generator and the global streams (init, dropout) it forked;
+    the data order needs none (it is drawn from the seed and the epoch).
     """
     storage.write_tensors(_partial_snapshot_uri(job, progress.epoch), {"params": snapshot})
     rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
@@ -299,24 +298,25 @@ def _build_augment(enabled: bool) -> Callable | None:
     return ClipAugment()
 
 
-def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.device,
+def train_expert(job: ExpertJob, storage: Storage, train: SplitStream, test: SplitStream, device: torch.device,
                  on_epoch: EpochHook | None = None) -> str:
-    """Train (or finish) one expert on `train`, test on `test` (ClipSets), write its trajectory; -> file URI.
+    """Train (or finish) one expert on the `train` stream, test on `test`, write its trajectory; -> file URI.
 
-    Init, dropout and shuffling draw from streams seeded by `job.seed` inside a forked global RNG, and
-    their states are saved every epoch, so a resumed expert continues exactly where it stopped.
+    Epoch e trains on `train.epoch(job.seed, e)`, a pure function of the two; frame experts see one fixed frame
+    per clip, chosen from the seed. Init, dropout and augmentation draw from streams seeded by `job.seed`
+    inside a forked global RNG, and their states are saved every epoch, so a resumed expert continues exactly
+    where it stopped.
     """
     from vdistill.models import flat_params
-    from vdistill.train import test_accuracy, train_epoch
+    from vdistill.train import accuracy, train_batches
 
     if is_complete(storage, job):
         return job.uri
     e, t = job.experts, job.train
+    frame_seed = job.seed if job.kind == "frame" else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(job.seed)
         generator = torch.Generator().manual_seed(job.seed)
-        train_x = _select_inputs(job.kind, train.videos, generator)
-        test_x = _select_inputs(job.kind, test.videos, generator)
         model = job.build_model().to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=e.lr, momentum=e.momentum)
         augment = _build_augment(t.augment)
@@ -332,16 +332,17 @@ def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.de
             if on_epoch is not None:
                 on_epoch(job, epoch)
             start = time.perf_counter()
-            record: dict[str, Any] = {"epoch": epoch, **train_epoch(
-                model, train_x, train.labels, optimizer, batch_size=e.batch_size, device=device,
-                generator=generator, standardize=t.standardize, augment=augment)}
+            batches = train.epoch(job.seed, epoch, e.batch_size, frame_seed=frame_seed)
+            record: dict[str, Any] = {"epoch": epoch, **train_batches(
+                model, batches, optimizer, device=device, generator=generator, standardize=t.standardize,
+                augment=augment)}
             record["train_seconds"] = time.perf_counter() - start
             snapshot = flat_params(model).cpu()
             if not (math.isfinite(record["loss"]) and bool(torch.isfinite(snapshot).all())):
                 raise ExpertDiverged(job, epoch, record["loss"])
             if epoch == job.epochs or (e.test_every and epoch % e.test_every == 0):
-                record.update(test_accuracy(model, test_x, test.labels, batch_size=e.batch_size, device=device,
-                                            standardize=t.standardize))
+                record.update(accuracy(model, test.in_order(e.batch_size, frame_seed=frame_seed), device=device,
+                                       standardize=t.standardize))
             record["finished_at"] = time.time()  # wall clock: lets benchmarks split startup from training
             snapshots.append(snapshot)
             progress.history.append(record)
@@ -355,38 +356,67 @@ def train_expert(job: ExpertJob, storage: Storage, train, test, device: torch.de
 
 
 # ---- Ray Train driver -------------------------------------------------------------------------------------
-def _expert_worker(config: dict[str, Any]) -> None:
-    """Ray Train loop of one worker: its share of the experts, one after the other, each on the whole split.
+class _ExpertQueue:
+    """Expert indices `0..count-1`, each handed to whichever worker asks first, so no worker idles while experts
+    are left (a fixed share per rank left workers idle behind uneven, resumed or diverged experts).
 
-    The worker loads the in-memory ClipSet from the cache itself rather than taking a Ray Data shard:
-    every expert needs every clip, many times over, in a fixed order per seed; the small uint8 cache
-    fits in memory, and reading it once per worker costs far less than streaming it once per epoch.
+    The queue is a counter in the TCP store that Ray Train's torch process group (`init_method="env"`) already
+    runs on rank 0: no extra actor, no process importing torch. A restarted worker group builds a new process
+    group and so a fresh counter: every expert is handed out again; finished ones return at once
+    (`train_expert` skips them), partial ones resume from their last epoch.
+    """
+
+    _NEXT, _DONE = "vdistill/experts/next", "vdistill/experts/done"
+
+    def __init__(self, rank: int, world_size: int, count: int) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size, self.count = rank, world_size, count
+        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+
+    def __iter__(self) -> Iterator[int]:
+        while (index := self._store.add(self._NEXT, 1) - 1) < self.count:
+            yield index
+
+    def close(self) -> None:
+        """Rank 0 hosts the store, so it returns only after every rank has finished taking experts."""
+        self._store.add(self._DONE, 1)
+        while self.rank == 0 and self._store.add(self._DONE, 0) < self.world_size:
+            time.sleep(0.5)
+
+
+def _expert_worker(config: dict[str, Any]) -> None:
+    """Ray Train loop of one worker: experts from the shared queue, one after the other, until none is left.
+
+    Each expert streams its epochs from the cache (`SplitStream`) rather than the worker holding the split (or
+    taking a Ray Data shard): every expert needs every clip in an order fixed by its seed, and a stream holds
+    one bounded shuffle buffer, so memory does not grow with the cache and several workers share a node.
     """
     import ray.train
     import ray.train.torch
 
-    from vdistill.data.clips import load_split
     from vdistill.device import resolve_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
-    jobs: list[ExpertJob] = config["jobs"][context.get_world_rank() :: context.get_world_size()]
-    if not jobs:
-        return
+    jobs: list[ExpertJob] = config["jobs"]
     device = ray.train.torch.get_device() if config["use_gpu"] else resolve_device(config["device"])
     storage: Storage = config["storage"]
-    train = load_split(storage, jobs[0].cache_uri, jobs[0].train_split)
-    test = load_split(storage, jobs[0].cache_uri, jobs[0].test_split)
-    for job in jobs:
+    train = SplitStream(storage, jobs[0].cache_uri, jobs[0].train_split)
+    test = SplitStream(storage, jobs[0].cache_uri, jobs[0].test_split)
+    queue = _ExpertQueue(context.get_world_rank(), context.get_world_size(), len(jobs))
+    for index in queue:
+        job = jobs[index]
         try:
             train_expert(job, storage, train, test, device, config["on_epoch"])
         except ExpertDiverged as exc:  # retrying cannot help (training is deterministic): report, go on
             storage.write_json(job.failure_uri, {"error": str(exc)})
+    queue.close()
 
 
 class _ProgressPoller:
-    """Driver-side tqdm bar fed by listing the experts' files: two LISTs per poll, however many experts.
+    """Driver-side tqdm bar fed by listing the experts' files: two LISTs per kind and poll, however many experts.
 
     Not `ray.train.report`: in Ray Train V2 every report is a barrier of all ranks, and the ranks here
     train different numbers of epochs (resumed, diverged, uneven shares), which would hang or lock-step
@@ -400,16 +430,20 @@ class _ProgressPoller:
 
     def _epochs_done(self) -> int:
         """Finished experts count whole; partial ones by their snapshot files (epoch_000 is the init)."""
-        out = self.jobs[0].out_uri
-        finished = set(self.storage.list_files(out, recursive=False))
-        snapshots = Counter(int(m.group(1)) for uri in self.storage.list_files(join(out, "partial"))
-                            if (m := _PARTIAL_SNAPSHOT.search(uri)))
-        return sum(job.epochs if job.uri in finished else max(0, snapshots[job.index] - 1) for job in self.jobs)
+        done = 0
+        for out in sorted({job.out_uri for job in self.jobs}):
+            finished = set(self.storage.list_files(out, recursive=False))
+            snapshots = Counter(int(m.group(1)) for uri in self.storage.list_files(join(out, "partial"))
+                                if (m := _PARTIAL_SNAPSHOT.search(uri)))
+            done += sum(job.epochs if job.uri in finished else max(0, snapshots[job.index] - 1)
+                        for job in self.jobs if job.out_uri == out)
+        return done
 
     def _loop(self) -> None:
         from tqdm import tqdm
 
-        with tqdm(total=sum(j.epochs for j in self.jobs), desc=f"{self.jobs[0].kind} experts", unit="epoch") as bar:
+        kinds = "+".join(dict.fromkeys(job.kind for job in self.jobs))
+        with tqdm(total=sum(j.epochs for j in self.jobs), desc=f"{kinds} experts", unit="epoch") as bar:
             while True:
                 try:
                     bar.update(self._epochs_done() - bar.n)
@@ -430,22 +464,25 @@ class _ProgressPoller:
 
 
 def _fit(cfg: Config, storage: Storage, jobs: list[ExpertJob], progress: bool, on_epoch: EpochHook | None) -> None:
-    """One Ray Train run over the unfinished experts; Ray Train restarts failed workers, which resume."""
+    """One Ray Train run over the unfinished experts of every kind; Ray Train restarts failed workers, which
+    resume."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     e = cfg.experts
     resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
-    fs, path = storage.resolve(join(jobs[0].out_uri, "_ray_train"))
+    fs, path = storage.resolve(join(cfg.run_uri, "experts", "_ray_train"))
+    kinds = "+".join(dict.fromkeys(job.kind for job in jobs))
     trainer = TorchTrainer(
         _expert_worker,
         train_loop_config={"jobs": jobs, "storage": storage, "device": cfg.run.device, "on_epoch": on_epoch,
                            "use_gpu": e.gpus_per_worker > 0, "threads": max(1, int(e.cpus_per_worker))},
-        # gloo: no collective ever runs, and NCCL would refuse several ranks sharing one GPU.
-        torch_config=TorchConfig(backend="gloo"),
+        # gloo: no collective ever runs (NCCL would refuse several ranks sharing one GPU); its env:// store
+        # on rank 0 carries the expert queue.
+        torch_config=TorchConfig(backend="gloo", init_method="env"),
         scaling_config=ScalingConfig(num_workers=min(e.num_workers, len(jobs)), use_gpu=e.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"{jobs[0].kind}-{jobs[0].input_hash}-{int(time.time())}", storage_path=path,
+        run_config=RunConfig(name=f"{kinds}-{jobs[0].input_hash}-{int(time.time())}", storage_path=path,
                              storage_filesystem=fs, failure_config=FailureConfig(max_failures=e.max_failures),
                              worker_runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}),
     )
@@ -480,26 +517,36 @@ def _pending(storage: Storage, jobs: list[ExpertJob], *, stage_finished: bool) -
     return pending
 
 
-def run_experts(cfg: Config, storage: Storage, kind: str, *, progress: bool = True,
-                on_epoch: EpochHook | None = None) -> list[str]:
-    """Train every unfinished expert of `kind` through Ray Train; -> the trajectory URIs, by expert index.
+def run_experts(cfg: Config, storage: Storage, kinds: Sequence[str], *, progress: bool = True,
+                on_epoch: EpochHook | None = None) -> dict[str, list[str]]:
+    """Train every unfinished expert of `kinds` in one Ray Train run; -> each kind's trajectory URIs, by index.
 
-    A no-op (no Ray Train run, no file written) when every expert and the manifest are already there.
+    A no-op (no Ray Train run, no file written) when every expert and the manifests are already there. A kind
+    whose experts all finished gets its manifest even when another kind failed (ExpertsFailed names those).
     """
-    jobs = plan_experts(cfg, storage, kind)
-    manifest_uri = join(trajectory_dir(cfg.run_uri, kind), "manifest.json")
-    pending = _pending(storage, jobs, stage_finished=storage.is_file(manifest_uri))
+    planned = {kind: plan_experts(cfg, storage, kind) for kind in kinds}
+    manifest_uris = {kind: join(trajectory_dir(cfg.run_uri, kind), "manifest.json") for kind in kinds}
+    pending = [job for kind, jobs in planned.items()
+               for job in _pending(storage, jobs, stage_finished=storage.is_file(manifest_uris[kind]))]
+    failed: list[str] = []
     if pending:
-        log.info("training %d of %d %s experts for %d epochs", len(pending), len(jobs), kind, jobs[0].epochs)
-        storage.delete(join(trajectory_dir(cfg.run_uri, kind), "failed"))
+        for kind in kinds:
+            log.info("training %d of %d %s experts for %d epochs", sum(j.kind == kind for j in pending),
+                     len(planned[kind]), kind, planned[kind][0].epochs)
+            storage.delete(join(trajectory_dir(cfg.run_uri, kind), "failed"))
         _fit(cfg, storage, pending, progress, on_epoch)
-        failed = [job for job in pending if not is_complete(storage, job)]
-        if failed:
-            raise ExpertsFailed(f"{len(failed)} of {len(jobs)} {kind} experts did not finish:\n  "
-                                + "\n  ".join(_failure(storage, job) for job in failed))
+    for kind, jobs in planned.items():
+        unfinished = [job for job in pending if job.kind == kind and not is_complete(storage, job)]
+        if unfinished:
+            failed.append(f"{len(unfinished)} of {len(jobs)} {kind} experts did not finish:\n  "
+                          + "\n  ".join(_failure(storage, job) for job in unfinished))
+            continue
         storage.delete(join(trajectory_dir(cfg.run_uri, kind), "partial"))
-    manifest = {"format": FORMAT, "kind": kind, "epochs": jobs[0].epochs, "cache_manifest_hash": jobs[0].manifest_hash,
-                "experts": {os.path.basename(job.uri): job.input_hash for job in jobs}}
-    if storage.read_json_or(manifest_uri) != manifest:
-        storage.write_json(manifest_uri, manifest)
-    return [job.uri for job in jobs]
+        manifest = {"format": FORMAT, "kind": kind, "epochs": jobs[0].epochs,
+                    "cache_manifest_hash": jobs[0].manifest_hash,
+                    "experts": {os.path.basename(job.uri): job.input_hash for job in jobs}}
+        if storage.read_json_or(manifest_uris[kind]) != manifest:
+            storage.write_json(manifest_uris[kind], manifest)
+    if failed:
+        raise ExpertsFailed("\n".join(failed))
+    return {kind: [job.uri for job in jobs] for kind, jobs in planned.items()}

@@ -40,9 +40,10 @@ def plan(cfg: Config, *, demo: bool = False) -> list[Stage]:
     data = dataset.stage(cfg) if demo else None
     cache = ingest.stage(cfg, data)
     mtt_reads_videos = "mtt" in cfg.s2d_methods or "mtt" in cfg.baselines.pixel_methods
-    video_experts = (experts.stage(cfg, "video", cache)
-                     if mtt_reads_videos or cfg.evaluate.coreset_embedder == "expert" else None)
-    frame_experts = experts.stage(cfg, "frame", cache) if cfg.static.method == "mtt" else None
+    kinds = [kind for kind, read in (("video", mtt_reads_videos or cfg.evaluate.coreset_embedder == "expert"),
+                                     ("frame", cfg.static.method == "mtt")) if read]
+    trained = experts.stages(cfg, cache, kinds)
+    video_experts, frame_experts = trained.get("video"), trained.get("frame")
     stills = static.stage(cfg, cache, frame_experts)
     s2d = {m: dynamic.stage(cfg, m, cache, stills, video_experts) for m in cfg.s2d_methods}
     baselines = {m: pixels.stage(cfg, m, cache, video_experts) for m in cfg.baselines.pixel_methods}

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -12,16 +13,25 @@ from vdistill.stage import RunContext, Stage, fields
 from vdistill.storage import Storage
 
 
-def stage(cfg: Config, kind: str, ingest: Stage) -> Stage:
+def stages(cfg: Config, ingest: Stage, kinds: Sequence[str]) -> dict[str, Stage]:
+    """One stage per expert kind the run reads (`experts-<kind>`), trained together in one Ray Train run.
+
+    Each stage keeps its own identity and manifest, so a setting or a deleted folder redoes only its kind's
+    stage. The first of them to run also trains the experts of the kinds whose stages have not run yet in
+    this invocation: both read the same settings, so this is exactly the work those stages would do, done in
+    one Ray Train start-up with workers kept busy across kinds; those stages then find their experts finished.
+    """
     reads: dict[str, Any] = {"model": cfg.model, "train": cfg.train, "experts": cfg.experts,
                              **fields(cfg.data, "train_split", "test_split", prefix="data")}
     if not cfg.experts.epochs:  # epochs=0: as many as MTT reads
         reads.update(fields(cfg.dynamic, "max_start_epoch", "expert_epochs", prefix="dynamic"))
-    return Stage(f"experts-{kind}", "experts", reads, (ingest,), lambda ctx: _train(ctx, kind))
+    return {kind: Stage(f"experts-{kind}", "experts", reads, (ingest,),
+                        functools.partial(_train, kind=kind, kinds=kinds)) for kind in kinds}
 
 
-def _train(ctx: RunContext, kind: str) -> dict[str, Any]:
-    uris = run_experts(ctx.cfg, ctx.storage, kind)
+def _train(ctx: RunContext, *, kind: str, kinds: Sequence[str]) -> dict[str, Any]:
+    together = [k for k in kinds if k == kind or f"experts-{k}" not in ctx.outputs]
+    uris = run_experts(ctx.cfg, ctx.storage, together)[kind]
     for k, uri in enumerate(uris):
         history = TrajectoryReader(ctx.storage, uri).meta.get("history", [])
         if history and "top1" in history[-1]:
