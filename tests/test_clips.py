@@ -50,11 +50,11 @@ def test_a_large_class_is_drawn_from_rotating_pools_that_stay_within_the_budget_
     g, seen = torch.Generator().manual_seed(0), set()
     with ClassSampler(Storage(), _cache(str(tmp_path)), "train", memory_mb=_budget_mb(6)) as sampler:
         assert sampler.pool_clips == 6
-        for _ in range(60):
+        for _ in range(200):
             seen.update(_ids(sampler.sample(2, 6, g), 2))
             held = sum(p.numel() for p in sampler._pools.values())
             assert held <= len(CLASSES) * 8 * CLIP_BYTES  # a pool is whole row groups: 6 clips round up to 8
-        assert sampler.state()["rotation"][2] >= 30
+        assert sampler.state()["rotation"][2] >= 200 * 6 // (4 * 8) - 1  # each resident clip drawn ~4 times
     assert seen == set(range(PER_CLASS))
 
 

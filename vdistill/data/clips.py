@@ -90,6 +90,9 @@ def load_class(storage: Any, cache_uri: str, split: str, c: int) -> torch.Tensor
     return torch.from_numpy(videos)
 
 
+REUSE = 4  # draws per resident clip, on average, before its pool is replaced: reads stay a quarter of the draws
+
+
 @dataclass(frozen=True)
 class _RowGroup:
     path: str
@@ -101,8 +104,9 @@ class ClassSampler:
     """Random real clips of one class in bounded memory: where every distillation loop draws its real batches.
 
     `memory_mb` bounds the clips held for all classes together. A class that fits its share is held whole,
-    sorted by key. A larger class holds a *pool*: a random subset of its Parquet row groups, swapped for the
-    next subset once as many clips were drawn from it as it holds, the next pool read ahead in a background
+    sorted by key. A larger class holds a *pool*: a random subset of its Parquet row groups (whole row groups, so
+    the budget should allow a few of them per class), swapped for the next subset once `REUSE` times as many
+    clips were drawn from it as it holds, the next pool read ahead in a background
     thread while the current one serves. Which row groups a pool holds is a pure function of (seed, class,
     rotation), and `state()` is what a checkpoint must keep, so a resumed loop draws the same clips.
     Use it as a context manager (it stops the read-ahead thread).
@@ -153,7 +157,7 @@ class ClassSampler:
         if self._whole(c):
             pool = self._pool(c)
         else:
-            if self._drawn.get(c, 0) + n > self.pool_clips and c in self._drawn:
+            if c in self._drawn and self._drawn[c] + n > REUSE * len(self._pool(c)):
                 self._rotate(c)
             pool = self._pool(c)
             self._drawn[c] = self._drawn.get(c, 0) + n
