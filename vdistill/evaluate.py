@@ -4,7 +4,9 @@ Every number in a results table comes from here, so the protocol is pinned in on
 (METHOD.md section 6):
 
 - `num_eval` fresh networks per architecture, each seeded explicitly (seeds recorded), trained as
-  independent Ray tasks; the test split is put in the object store once.
+  independent Ray tasks. The test split streams from the clip cache (`SplitStream.in_order`) and so does the
+  full-data baseline (`SplitStream.epoch`, shuffled from the network's seed): no task holds a split, so an
+  evaluation's memory does not grow with the dataset (Kinetics-400's 241k clips included).
 - SGD (momentum, weight decay from `cfg.evaluate`), cross-entropy, dropout on, batch `batch_size`.
 - With E = `epochs` (501 in configs/_paper.yaml, i.e. the paper's epochs 0..500), the learning rate
   drops x0.1 after the epoch with index `(E - 1) // 2 + 1` (251) by RE-CREATING the optimizer, which
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,13 +34,13 @@ import numpy as np
 import torch
 
 from vdistill.augment import ClipAugment
+from vdistill.data.stream import SplitStream
 from vdistill.device import resolve_device
 from vdistill.models import build_model
-from vdistill.train import test_accuracy, train_epoch
+from vdistill.train import Batch, accuracy, shuffled, train_batches
 
 if TYPE_CHECKING:
     from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig
-    from vdistill.data.clips import ClipSet
 
 EVAL_SEED_STREAM = 6  # tags the evaluation seeds so they never coincide with expert or distillation seeds
 
@@ -46,10 +49,23 @@ class EpochSource(Protocol):
     """What evaluation trains on: called once per epoch, returns `(videos, labels)`.
 
     `videos` is float normalised `(N, T, 3, H, W)` or uint8 `(N, T, H, W, 3)`; `labels` int64 `(N,)`.
-    Implementations must be picklable (they ship to Ray tasks).
+    Implementations must be picklable (they ship to Ray tasks). A whole cache split trains as a `SplitStream`
+    instead (the full-data baseline): its epochs stream, shuffled within a bounded buffer.
     """
 
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TestSplit(Protocol):
+    """What evaluation tests on: a `SplitStream` of the cache's test split, or a `ClipSet` in memory."""
+
+    classes: list[str]
+    clip_shape: tuple[int, int, int, int]  # (T, H, W, 3)
+
+    def in_order(self, batch_size: int) -> Iterator[Batch]: ...
+
+
+TrainSource = EpochSource | SplitStream
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,8 +93,8 @@ def lr_decay_epoch(epochs: int) -> int:
 
 
 def train_and_test(
-    source: EpochSource,
-    test_set: ClipSet,
+    source: TrainSource,
+    test_set: TestSplit,
     *,
     model_name: str,
     num_classes: int,
@@ -107,7 +123,18 @@ def train_and_test(
     return {**result, "seed": seed, "epochs": eval_cfg.epochs, "seconds": time.perf_counter() - start}
 
 
-def _train_then_test(source: EpochSource, test_set: ClipSet, model: torch.nn.Module, eval_cfg: EvaluateConfig,
+def _epoch_batches(source: TrainSource, epoch: int, seed: int, batch_size: int, generator: torch.Generator
+                   ) -> Iterable[Batch]:
+    """One epoch of training batches: streamed from the cache in an order drawn from (seed, epoch), or the set the
+    source hands out this epoch, shuffled by `generator`."""
+    if isinstance(source, SplitStream):
+        return source.epoch(seed, epoch, batch_size)
+    with torch.no_grad():
+        videos, labels = source(generator)
+    return shuffled(videos.detach(), labels, batch_size, generator)
+
+
+def _train_then_test(source: TrainSource, test_set: TestSplit, model: torch.nn.Module, eval_cfg: EvaluateConfig,
                      train_cfg: TrainConfig, lr: float, seed: int, device: torch.device) -> dict[str, float]:
     generator = torch.Generator().manual_seed(seed)
     augment = ClipAugment() if train_cfg.augment else None
@@ -120,23 +147,22 @@ def _train_then_test(source: EpochSource, test_set: ClipSet, model: torch.nn.Mod
     decay_after = lr_decay_epoch(eval_cfg.epochs)
     stats: dict[str, float] = {}
     for epoch in range(eval_cfg.epochs):
-        with torch.no_grad():
-            videos, labels = source(generator)
-        stats = train_epoch(model, videos.detach(), labels, optimizer, batch_size=eval_cfg.batch_size,
-                            device=device, generator=generator, standardize=train_cfg.standardize, augment=augment)
+        batches = _epoch_batches(source, epoch, seed, eval_cfg.batch_size, generator)
+        stats = train_batches(model, batches, optimizer, device=device, generator=generator,
+                              standardize=train_cfg.standardize, augment=augment)
         if not math.isfinite(stats["loss"]):  # a diverged network scores nothing: report it, never a number
             return {"top1": None, "top5": None, "train_loss": stats["loss"], "train_acc": stats["acc"],
                     "failed": f"training loss {stats['loss']} in epoch {epoch + 1}/{eval_cfg.epochs} at lr {lr:g}; "
                               "lower evaluate.lr"}
         if epoch == decay_after:
             optimizer = sgd(lr * 0.1)  # a NEW optimizer (momentum reset), as the paper's code does
-    scores = test_accuracy(model, test_set.videos, test_set.labels, batch_size=eval_cfg.batch_size, device=device,
-                           passes=eval_cfg.test_passes, flip=eval_cfg.test_flip,
-                           generator=torch.Generator().manual_seed(seed), standardize=train_cfg.standardize)
+    passes = (batch for _ in range(eval_cfg.test_passes) for batch in test_set.in_order(eval_cfg.batch_size))
+    scores = accuracy(model, passes, device=device, flip=eval_cfg.test_flip,
+                      generator=torch.Generator().manual_seed(seed), standardize=train_cfg.standardize)
     return {**scores, "train_loss": stats["loss"], "train_acc": stats["acc"]}
 
 
-def _train_and_test_task(source: EpochSource, test_set: ClipSet, device_name: str, **kwargs: Any) -> dict[str, Any]:
+def _train_and_test_task(source: TrainSource, test_set: TestSplit, device_name: str, **kwargs: Any) -> dict[str, Any]:
     """Ray task body: resolve the device where the task runs (Ray sets the visible GPUs)."""
     return train_and_test(source, test_set, device=resolve_device(device_name), **kwargs)
 
@@ -171,8 +197,8 @@ class PendingEvaluation:
 
 
 def launch_evaluation(
-    source: EpochSource | tuple[torch.Tensor, torch.Tensor],
-    test_set: ClipSet,
+    source: TrainSource | tuple[torch.Tensor, torch.Tensor],
+    test_set: TestSplit,
     cfg: Config,
     *,
     storage_mb: float | None = None,
@@ -184,9 +210,10 @@ def launch_evaluation(
     """Submit `cfg.evaluate.num_eval` seeds x each model in `models` (default `cfg.evaluate.models`) as Ray
     tasks and return at once, so evaluation stays off the distillation's critical path (METHOD.md W-17d).
 
-    `source` is an EpochSource or a `(videos, labels)` pair; `lr` overrides `cfg.evaluate.lr` (e.g. a
+    `source` is an EpochSource, a `(videos, labels)` pair or a `SplitStream` (the full-data baseline, streamed by
+    every task); `test_set` a `SplitStream` (or a small `ClipSet`); `lr` overrides `cfg.evaluate.lr` (e.g. a
     learned synthetic lr); `epochs` overrides `cfg.evaluate.epochs` (e.g. the full-data baseline).
-    Source and test split go to the object store once per launch.
+    Source and test split go to the object store once per launch (a stream travels as its list of row groups).
     """
     import ray
 
@@ -194,7 +221,7 @@ def launch_evaluation(
         source = TensorSource(*source)
     ev = cfg.evaluate if epochs is None else cfg.evaluate.model_copy(update={"epochs": epochs})
     rate = ev.lr if lr is None else lr
-    frames, size = test_set.videos.shape[1], test_set.videos.shape[2]
+    frames, size = test_set.clip_shape[0], test_set.clip_shape[1]
     task = ray.remote(_train_and_test_task).options(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task)
     source_ref, test_ref = ray.put(source), ray.put(test_set)
     refs = {
@@ -208,8 +235,8 @@ def launch_evaluation(
 
 
 def evaluate_set(
-    source: EpochSource | tuple[torch.Tensor, torch.Tensor],
-    test_set: ClipSet,
+    source: TrainSource | tuple[torch.Tensor, torch.Tensor],
+    test_set: TestSplit,
     cfg: Config,
     *,
     storage_mb: float | None = None,

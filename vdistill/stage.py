@@ -15,7 +15,8 @@ from pydantic import BaseModel
 
 from vdistill.checkpoint import load_state, save_state
 from vdistill.config import Config
-from vdistill.data.clips import ClassSampler, load_split
+from vdistill.data.clips import ClassSampler
+from vdistill.data.stream import SplitStream
 from vdistill.lease import Owner
 from vdistill.storage import Storage, join
 from vdistill.tracking import Tracker
@@ -67,7 +68,7 @@ class RunContext:
     folder: str  # <run>/<stage name>
     input_hash: str
     outputs: Mapping[str, dict[str, Any]]  # every finished stage's outputs, by name
-    _splits: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _splits: dict[tuple[str, str], SplitStream] = field(default_factory=dict, repr=False)
     _seconds: list[float] = field(default_factory=list, repr=False)
 
     def uri(self, *parts: str) -> str:
@@ -77,10 +78,10 @@ class RunContext:
         """The outputs of an upstream stage."""
         return self.outputs[stage.name]
 
-    def split(self, cache_uri: str, name: str):
-        """A cache split in memory, loaded once per stage (evaluation and coresets share it)."""
+    def split(self, cache_uri: str, name: str) -> SplitStream:
+        """A cache split as a stream (never held whole), listed once per stage: every evaluation shares it."""
         if (cache_uri, name) not in self._splits:
-            self._splits[cache_uri, name] = load_split(self.storage, cache_uri, name)
+            self._splits[cache_uri, name] = SplitStream(self.storage, cache_uri, name)
         return self._splits[cache_uri, name]
 
     def real_clips(self, cache_uri: str) -> ClassSampler:

@@ -53,9 +53,14 @@ def train_epoch(
     augment: Augment | None = None,
 ) -> dict[str, float]:
     """One shuffled pass over in-memory data (the order drawn from `generator`); see `train_batches`."""
-    order = torch.randperm(labels.shape[0], generator=generator).split(batch_size)
-    return train_batches(model, _indexed(videos, labels, order), optimizer, device=device, generator=generator,
-                         standardize=standardize, augment=augment)
+    return train_batches(model, shuffled(videos, labels, batch_size, generator), optimizer, device=device,
+                         generator=generator, standardize=standardize, augment=augment)
+
+
+def shuffled(videos: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+             ) -> Iterator[Batch]:
+    """In-memory data in an order drawn from `generator`, `batch_size` clips at a time (the last one shorter)."""
+    return _indexed(videos, labels, torch.randperm(labels.shape[0], generator=generator).split(batch_size))
 
 
 def train_batches(

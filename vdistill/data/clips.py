@@ -5,6 +5,7 @@ Order is deterministic: rows are sorted by clip key.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,19 @@ class ClipSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        """`(T, H, W, 3)`, as `SplitStream.clip_shape`."""
+        return tuple(self.videos.shape[1:])  # type: ignore[return-value]
+
     def class_clips(self, c: int) -> torch.Tensor:
         """The clips of class `c`, in key order."""
         return self.videos[self.labels == c]
+
+    def in_order(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in key order, as `SplitStream.in_order` streams a split (the last one shorter)."""
+        for start in range(0, len(self), batch_size):
+            yield self.videos[start : start + batch_size], self.labels[start : start + batch_size]
 
 
 def read_manifest(storage: Any, cache_uri: str) -> dict:

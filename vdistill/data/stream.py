@@ -1,5 +1,5 @@
-"""Read a cache split as a stream of batches with bounded memory: experts (and, later, the full-data baseline)
-train and test on a split without ever holding it.
+"""Read a cache split as a stream of batches with bounded memory: experts and evaluations (the full-data baseline,
+every test split) train and test on a split without ever holding it.
 
 A split is the Parquet row groups under `<cache>/clips/split=<s>/label=<0042>/*.parquet`, however ingest
 grouped the clips into files and row groups. `SplitStream.epoch(seed, epoch, batch_size)` reads every row
@@ -56,7 +56,7 @@ class SplitStream:
     """One split of a clip cache, read in batches: `epoch(...)` shuffled for training, `in_order(...)` for tests.
 
     The row groups are listed once (one footer per file, read in parallel threads), so one stream serves every
-    expert and epoch of a worker. `frame_seed` turns clips into single frames `(H, W, 3)`, one fixed frame per
+    expert and epoch of a worker; it pickles as that list, so one listing also serves every evaluation task. `frame_seed` turns clips into single frames `(H, W, 3)`, one fixed frame per
     clip (`frame_choice`), for 2-D frame experts; frames are picked as each row group is read, so the buffer
     then holds frames, not clips.
     """
@@ -65,6 +65,7 @@ class SplitStream:
                  read_ahead: int = 4) -> None:
         manifest = read_manifest(storage, cache_uri)
         self.split = split
+        self.classes: list[str] = list(manifest["classes"])
         self.clip_shape: tuple[int, int, int, int] = (manifest["frames"], manifest["size"], manifest["size"], 3)
         self.buffer_bytes = int(buffer_mb * 2**20)
         self.read_ahead = read_ahead

@@ -1,6 +1,7 @@
 """Train fresh networks on every distilled set and on the real-clip baselines; the results table."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -8,9 +9,10 @@ import torch
 
 from vdistill.config import Config
 from vdistill.coreset import select_coreset
-from vdistill.data.clips import ClipSet, load_class, load_split, read_manifest
+from vdistill.data.clips import ClipSet, load_class, read_manifest
+from vdistill.data.stream import SplitStream
 from vdistill.device import resolve_device
-from vdistill.distill.synset import storage_mb
+from vdistill.distill.synset import fp32_mb, storage_mb
 from vdistill.evaluate import TensorSource, evaluate_set, format_results_table, launch_evaluation
 from vdistill.experts import TrajectoryReader, list_trajectories
 from vdistill.export import load_distilled
@@ -61,9 +63,13 @@ def _training_sets(ctx: RunContext, cache: str, distilled: list[tuple[str, Stage
         rows.append((label, vpc, dataset, dataset.meta["storage"]["total_mb"], len(dataset)))
     if cfg.baselines.full:
         train = ctx.split(cache, cfg.data.train_split)
-        rows.append(("full data", 0, TensorSource(train.videos, train.labels),
-                     storage_mb(train.videos, as_float32=True), len(train.labels)))
+        rows.append(("full data", 0, train, split_mb(train), len(train)))
     return rows
+
+
+def split_mb(split: SplitStream) -> float:
+    """Storage of a whole split counted as fp32, like every real-clip row of the table."""
+    return fp32_mb(len(split) * math.prod(split.clip_shape))
 
 
 def _evaluate(ctx: RunContext, ingest: Stage, distilled: list[tuple[str, Stage]], embedder: Stage | None
@@ -97,7 +103,7 @@ def _evaluate(ctx: RunContext, ingest: Stage, distilled: list[tuple[str, Stage]]
 def evaluate_standalone(cfg: Config, storage: Storage, *, synthetic: str | None, coreset_method: str | None,
                         full: bool, vpc: int | None) -> str:
     """`vdistill evaluate`: one training set -> table; the JSON is written next to the input."""
-    test = load_split(storage, cfg.cache_uri, cfg.data.test_split)
+    test = SplitStream(storage, cfg.cache_uri, cfg.data.test_split)
     k = vpc or cfg.dynamic.vpc
     if synthetic:
         dataset = load_distilled(synthetic, storage, seed=cfg.run.seed)
@@ -111,9 +117,8 @@ def evaluate_standalone(cfg: Config, storage: Storage, *, synthetic: str | None,
             subset.videos, as_float32=True), len(subset.labels)
         out = join(cfg.cache_uri, "evaluations", f"{coreset_method}-vpc{k}-seed{cfg.run.seed}.json")
     else:
-        train = load_split(storage, cfg.cache_uri, cfg.data.train_split)
-        label, source, mb, clips = "full data", TensorSource(train.videos, train.labels), storage_mb(
-            train.videos, as_float32=True), len(train.labels)
+        train = SplitStream(storage, cfg.cache_uri, cfg.data.train_split)
+        label, source, mb, clips = "full data", train, split_mb(train), len(train)
         out = join(cfg.cache_uri, "evaluations", f"full-seed{cfg.run.seed}.json")
     start = time.time()
     result = evaluate_set(source, test, cfg, storage_mb=mb, clips=clips, lr=eval_lr(cfg, source))
