@@ -52,9 +52,8 @@ def test_a_large_class_is_drawn_from_rotating_pools_that_stay_within_the_budget_
         assert sampler.pool_clips == 6
         for _ in range(200):
             seen.update(_ids(sampler.sample(2, 6, g), 2))
-            held = sum(p.numel() for p in sampler._pools.values())
-            assert held <= len(CLASSES) * 8 * CLIP_BYTES  # a pool is whole row groups: 6 clips round up to 8
-        assert sampler.state()["rotation"][2] >= 200 * 6 // (4 * 8) - 1  # each resident clip drawn ~4 times
+            assert all(len(pool) == 6 for pool in sampler._pools.values())  # row groups of 4: 8 read, 6 kept
+        assert sampler.state()["rotation"][2] >= 200 * 6 // (4 * 6) - 1  # each resident clip drawn ~4 times
     assert seen == set(range(PER_CLASS))
 
 
@@ -71,6 +70,16 @@ def test_a_resumed_sampler_draws_exactly_what_the_uninterrupted_one_draws(tmp_pa
         resumed.sample(0, 4, torch.Generator().manual_seed(99))  # what rebuilding the set draws before the loop
         resumed.load_state(state)
         assert all(torch.equal(resumed.sample(0, 4, g), e) for e in expected)
+
+
+def test_a_pool_smaller_than_a_row_group_keeps_its_budget_and_still_covers_the_class(tmp_path):
+    g, seen = torch.Generator().manual_seed(1), set()
+    with ClassSampler(Storage(), _cache(str(tmp_path), rows_per_group=16), "train", memory_mb=_budget_mb(3)) as sampler:
+        for _ in range(300):
+            seen.update(_ids(sampler.sample(0, 3, g), 0))
+            assert all(len(pool) == 3 for pool in sampler._pools.values())
+            assert all(len(ahead.result()) == 3 for ahead in sampler._ahead.values())
+    assert seen == set(range(PER_CLASS))
 
 
 def test_a_budget_below_one_clip_per_class_names_the_key(tmp_path):

@@ -103,7 +103,8 @@ class CacheConfig(_Section):
         16, ge=1, description="clips per Parquet row group at most: the smallest read of a random-row-group reader")
     sampler_mb: float = Field(
         8192.0, gt=0, description="memory of the distillation's real-clip sampler, all classes together; a class "
-        "that does not fit its share is sampled from a rotating random pool of its clips")
+        "that does not fit its share is sampled from a rotating random pool of its clips (half the share, the other "
+        "half reads the next pool ahead). Give a pool at least batch_real clips: 2 x batch_real x classes x clip bytes")
 
 
 class ModelConfig(_Section):

@@ -115,10 +115,10 @@ class ClassSampler:
     """Random real clips of one class in bounded memory: where every distillation loop draws its real batches.
 
     `memory_mb` bounds the clips held for all classes together. A class that fits its share is held whole,
-    sorted by key. A larger class holds a *pool*: a random subset of its Parquet row groups (whole row groups, so
-    the budget should allow a few of them per class), swapped for the next subset once `REUSE` times as many
-    clips were drawn from it as it holds, the next pool read ahead in a background
-    thread while the current one serves. Which row groups a pool holds is a pure function of (seed, class,
+    sorted by key. A larger class holds a *pool* of `pool_clips` clips: random Parquet row groups (the smallest
+    read), of which a random `pool_clips` rows are kept, so the budget holds whatever `cache.rows_per_group`
+    ingest wrote. A pool is swapped for the next once `REUSE` times as many clips were drawn from it as it holds,
+    the next pool read ahead in a background thread while the current one serves. Which row groups a pool holds is a pure function of (seed, class,
     rotation), and `state()` is what a checkpoint must keep, so a resumed loop draws the same clips.
     Use it as a context manager (it stops the read-ahead thread).
     """
@@ -211,11 +211,17 @@ class ClassSampler:
     def _read(self, c: int, rotation: int) -> torch.Tensor:
         """Clips of class `c` for one pool, sorted by key: all of them, or the row groups drawn for `rotation`."""
         groups = self._row_groups(c)
-        if not self._whole(c):
+        whole = self._whole(c)
+        if not whole:
             seed = int(np.random.SeedSequence([self.seed, c, rotation]).generate_state(1)[0])
             draw = torch.Generator().manual_seed(seed)
+            # Row groups in the order a random permutation of the class's clips first hits them: a group is drawn
+            # in proportion to its clips, so a short last group of a file is not over-represented.
+            owner = np.repeat(np.arange(len(groups)), [g.rows for g in groups])
+            hits = owner[torch.randperm(len(owner), generator=draw).numpy()]
+            _, first = np.unique(hits, return_index=True)
             chosen, rows = [], 0
-            for g in torch.randperm(len(groups), generator=draw).tolist():
+            for g in hits[np.sort(first)].tolist():
                 if rows >= self.pool_clips:
                     break
                 chosen.append(groups[g])
@@ -228,6 +234,8 @@ class ClassSampler:
                 wanted = [g.index for g in groups if g.path == path]
                 tables.append(pq.ParquetFile(handle).read_row_groups(wanted, columns=["clip", "key"]))
         table = pa.concat_tables(tables).sort_by("key")
+        if not whole and table.num_rows > self.pool_clips:  # row groups overshoot the pool: keep a random part
+            table = table.take(torch.randperm(table.num_rows, generator=draw)[: self.pool_clips].sort().values.numpy())
         return torch.from_numpy(_clip_array(table["clip"], _clip_shape(self.manifest)))
 
 
