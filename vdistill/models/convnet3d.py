@@ -48,8 +48,13 @@ class ConvNet3D(nn.Module):
         self.logit = nn.Conv3d(width, num_classes, kernel_size=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, T, 3, H, W)` -> the last pooled block `(B, width, T', H', W')`."""
-        x = x.permute(0, 2, 1, 3, 4)
+        """`(B, T, 3, H, W)` -> the last pooled block `(B, width, T', H', W')`.
+
+        The convolutions run channels-last (NDHWC): oneDNN's 3-D convolutions were 1.5x faster that way on a
+        CPU (DM's real-clip embeddings at 16x64², width 128) and the layers keep the format. Clips normalised
+        from uint8 storage `(B, T, H, W, 3)` are already laid out so, which makes the conversion a no-op.
+        """
+        x = x.permute(0, 2, 1, 3, 4).contiguous(memory_format=torch.channels_last_3d)
         x = self.pool0(torch.relu(self.conv0(x)))
         x = self.pool1(torch.relu(self.conv1(x)))
         return self.pool2(torch.relu(self.conv2(x)))
