@@ -1,20 +1,22 @@
 """Memory and time of every stage as the data grows: a Kinetics-shaped cache (400 classes) at N clips per class.
 
-Usage: `python jobs/bench_scale.py [--sizes 5 20 80] [--classes 400] [--frames 8] [--size 32] [--quick]`
+Usage: `python jobs/bench_scale.py [--sizes 5 20 80] [--classes 400] [--frames 8] [--size 32] [--stages ...]`
 
 For each N a clip cache of `classes` x N training clips (plus a fixed test split of 2 clips per class) is written
-straight to Parquet in the layout ingest writes (row groups of 16 clips, the `cache.rows_per_group` default), then every stage runs on it for a few
-iterations/epochs, each in a fresh subprocess, so that the subprocess's peak RSS (`ru_maxrss`) is the memory of
-the process that does that stage's work:
+straight to Parquet in the layout ingest writes (row groups of 16 clips, the `cache.rows_per_group` default), then
+every stage runs on it for a few iterations/epochs, each in a fresh subprocess, so that the subprocess's peak RSS
+(`ru_maxrss`) is the memory of the process that does that stage's work:
 
+- ingest: `run_ingest` on a local Ray over `classes` x N (+2 test) real H.264 files (one encoded clip per class,
+  copied under every clip's name): the peak RSS of its busiest Ray worker (decode and compaction tasks) and of
+  the driver, and seconds per 1,000 videos;
 - experts: one expert trained by `train_expert` (what a Ray Train worker runs), streaming its epochs;
 - static-dm, dynamic-dm, dynamic-mtt: the coordinator's loops (`distill`) with the real-clip sampler at
-  `--sampler-mb` (a budget that the largest N exceeds, so the bound is exercised);
-- evaluate: herding on the training split (class by class) and one evaluation network trained on the coreset;
-  evaluate-full: the full-data baseline as the evaluate stage runs it (one epoch).
-
-Ingest is not here: its tasks decode `cache.videos_per_task` videos at a time whatever the dataset size
-(see `jobs/bench_ingest.py`); encoding 32k test videos would dominate the run.
+  `--sampler-mb` (default: the smallest budget whose pools hold `batch_real` clips per class, so every N above
+  `2 x batch_real` clips per class is sampled from pools and the bound is exercised);
+- evaluate: herding on the training split (class by class) and one evaluation network trained on the coreset,
+  tested on the streamed test split; evaluate-full: the full-data baseline as the evaluate stage runs it (one
+  epoch streamed from the cache).
 
 Prints a table (peak RSS MiB and seconds per epoch/iteration per N) and, last, the worst stage's memory growth
 between the smallest and the largest N: `memory growth over 16x data: worst stage <name> <ratio>x`.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -33,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("experts", "static-dm", "dynamic-dm", "dynamic-mtt", "evaluate", "evaluate-full")
+STAGES = ("ingest", "experts", "static-dm", "dynamic-dm", "dynamic-mtt", "evaluate", "evaluate-full")
+BATCH_REAL = 8  # dynamic.batch_real / static.batch_real of the distillation stages
 TEST_PER_CLASS = 2
 ROWS_PER_GROUP = 16  # cache.rows_per_group (the default): a pool of the bounded sampler is whole row groups
 
@@ -76,7 +80,7 @@ def _config(spec: dict):
         f"run.root={spec['root']}/runs", "run.name=scale", f"cache.uri={spec['cache']}", "run.device=cpu",
         f"model.width={spec['width']}", "model.head=adaptive", f"model.width_2d={spec['width']}",
         "experts.epochs=2", "experts.batch_size=64", "experts.test_every=0", f"cache.sampler_mb={spec['sampler_mb']}",
-        "dynamic.batch_real=8", "static.batch_real=8", "dynamic.syn_steps=2", "dynamic.max_start_epoch=1",
+        f"dynamic.batch_real={BATCH_REAL}", f"static.batch_real={BATCH_REAL}", "dynamic.syn_steps=2", "dynamic.max_start_epoch=1",
         "dynamic.expert_epochs=1", "dynamic.batch_syn=256", "evaluate.epochs=2", "evaluate.batch_size=64",
         "tracking.enabled=false"])
 
@@ -119,7 +123,7 @@ def _evaluate_worker(spec: dict) -> dict:
     """evaluate: herding class by class from the cache, then one network trained on it and tested."""
     import torch
 
-    from vdistill.data.clips import load_split
+    from vdistill.data.stream import SplitStream
     from vdistill.evaluate import TensorSource, train_and_test
     from vdistill.stages.evaluate import coreset
     from vdistill.storage import Storage
@@ -127,7 +131,7 @@ def _evaluate_worker(spec: dict) -> dict:
     cfg, storage = _config(spec), Storage()
     tic = time.perf_counter()
     subset = coreset(cfg, storage, spec["cache"], "herding", 1, None)
-    test = load_split(storage, spec["cache"], "test")
+    test = SplitStream(storage, spec["cache"], "test")
     train_and_test(TensorSource(subset.videos, subset.labels), test, model_name="convnet3d",
                    num_classes=len(subset.classes), frames=subset.videos.shape[1], size=subset.videos.shape[2],
                    model_cfg=cfg.model, eval_cfg=cfg.evaluate, train_cfg=cfg.train, lr=0.01, seed=0,
@@ -152,24 +156,71 @@ def _experts_worker(spec: dict) -> dict:
 
 
 def _full_data_worker(spec: dict) -> dict:
-    """evaluate-full: the full-data baseline as the evaluate stage runs it today (the split in memory), 1 epoch."""
+    """evaluate-full: the full-data baseline as the evaluate stage runs it (streamed from the cache), 1 epoch."""
     import torch
 
-    from vdistill.data.clips import load_split
-    from vdistill.evaluate import TensorSource, train_and_test
+    from vdistill.data.stream import SplitStream
+    from vdistill.evaluate import train_and_test
     from vdistill.storage import Storage
 
     cfg, storage = _config(spec), Storage()
     tic = time.perf_counter()
-    train, test = load_split(storage, spec["cache"], "train"), load_split(storage, spec["cache"], "test")
-    train_and_test(TensorSource(train.videos, train.labels), test, model_name="convnet3d",
-                   num_classes=len(train.classes), frames=train.videos.shape[1], size=train.videos.shape[2],
-                   model_cfg=cfg.model, eval_cfg=cfg.evaluate.model_copy(update={"epochs": 1}), train_cfg=cfg.train,
-                   lr=0.01, seed=0, device=torch.device("cpu"))
-    return {"seconds": time.perf_counter() - tic, "unit": "s/epoch (incl. load)"}
+    train, test = SplitStream(storage, spec["cache"], "train"), SplitStream(storage, spec["cache"], "test")
+    train_and_test(train, test, model_name="convnet3d", num_classes=len(train.classes), frames=train.clip_shape[0],
+                   size=train.clip_shape[1], model_cfg=cfg.model, eval_cfg=cfg.evaluate.model_copy(update={"epochs": 1}),
+                   train_cfg=cfg.train, lr=0.01, seed=0, device=torch.device("cpu"))
+    return {"seconds": time.perf_counter() - tic, "unit": "s/epoch (incl. test)"}
 
 
-WORKERS = {"experts": _experts_worker, "evaluate-full": _full_data_worker, "static-dm": _distill_worker, "dynamic-dm": _distill_worker, "dynamic-mtt": _distill_worker,
+def write_videos(root: str, classes: int, per_class: int, frames: int, size: int) -> str:
+    """`classes` x (per_class train + 2 test) H.264 files, one encoded clip per class copied under every clip's name
+    (decoding cost and memory are per video, not per distinct content), and their generic CSV."""
+    import numpy as np
+
+    from vdistill.data.synthetic import encode_mp4
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(classes):
+        folder = Path(root, "videos", f"class{c:03d}")
+        folder.mkdir(parents=True)
+        clip = rng.integers(0, 160, (frames, size, size, 3), dtype=np.uint8)
+        clip[..., c % 3] += 90
+        data = encode_mp4(clip, fps=8)
+        for split, n in (("train", per_class), ("test", TEST_PER_CLASS)):
+            for i in range(n):
+                name = f"class{c:03d}/{split}{i:05d}.mp4"
+                (folder / name.split("/")[1]).write_bytes(data)
+                rows.append(f"{name},class{c:03d},{split}")
+    csv = Path(root, "videos", "annotations.csv")
+    csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return str(csv)
+
+
+def _ingest_worker(spec: dict) -> dict:
+    """ingest: run_ingest on a fresh local Ray; the peak RSS of its busiest worker process and of this driver."""
+    import ray
+
+    from vdistill.config import load_config
+    from vdistill.data.ingest import run_ingest
+    from vdistill.storage import Storage
+
+    csv = write_videos(spec["root"], spec["classes"], spec["n"], spec["frames"], spec["size"])
+    cfg = load_config(None, [f"data.annotations={csv}", f"data.root={Path(csv).parent}",
+                             f"cache.uri={spec['root']}/ingested", f"decode.frames={spec['frames']}",
+                             f"decode.size={spec['size']}"])
+    ray.init(num_cpus=spec["threads"], include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_ingest(cfg, Storage(), progress=False)
+    finally:
+        ray.shutdown()
+    videos = spec["classes"] * (spec["n"] + TEST_PER_CLASS)
+    return {"seconds": 1000 * summary["throughput"]["elapsed_s"] / videos, "unit": "s per 1,000 videos",
+            "worker_peak_mib": summary["timings"]["workers"]["peak_rss_mib"]}
+
+
+WORKERS = {"ingest": _ingest_worker, "experts": _experts_worker, "evaluate-full": _full_data_worker,
+           "static-dm": _distill_worker, "dynamic-dm": _distill_worker, "dynamic-mtt": _distill_worker,
            "evaluate": _evaluate_worker}
 
 
@@ -197,8 +248,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--width", type=int, default=32, help="ConvNet3D width")
-    parser.add_argument("--sampler-mb", type=float, default=320.0,
-                        help="cache.sampler_mb of the distillation loops (the default is sized for a GPU node)")
+    parser.add_argument("--sampler-mb", type=float, default=None,
+                        help="cache.sampler_mb of the distillation loops (default: pools of batch_real clips per class)")
     parser.add_argument("--iterations", type=int, default=3, help="distillation iterations (the first is warm-up)")
     parser.add_argument("--stages", nargs="+", default=[s for s in STAGES if s in WORKERS], choices=STAGES)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -208,7 +259,8 @@ def main() -> None:
         _worker_main(json.loads(args.worker))
         return
 
-    results: dict[str, dict[int, dict]] = {stage: {} for stage in args.stages}
+    sampler_mb = args.sampler_mb or math.ceil(2 * BATCH_REAL * args.classes * args.frames * args.size**2 * 3 / 1e6)
+    results: dict[str, dict[int, dict]] = {}
     tic = time.perf_counter()
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="vdistill-scale-") as root:
@@ -218,15 +270,21 @@ def main() -> None:
                   flush=True)
             for stage in args.stages:
                 spec = {"stage": stage, "n": n, "root": root, "cache": cache, "width": args.width,
-                        "sampler_mb": args.sampler_mb, "iterations": args.iterations, "threads": args.threads}
-                results[stage][n] = _run_worker(spec)
-                r = results[stage][n]
-                print(f"  {stage:<14} peak {r['peak_mib']:7.0f} MiB   {r['seconds']:8.3f} {r['unit']}", flush=True)
+                        "sampler_mb": sampler_mb, "iterations": args.iterations, "threads": args.threads,
+                        "classes": args.classes, "frames": args.frames, "size": args.size}
+                r = _run_worker(spec)
+                rows = {stage: r}
+                if stage == "ingest":  # its work runs in Ray workers: their peak, then the driver's
+                    rows = {"ingest tasks": {**r, "peak_mib": r["worker_peak_mib"]}, "ingest driver": r}
+                for name, row in rows.items():
+                    results.setdefault(name, {})[n] = row
+                    print(f"  {name:<14} peak {row['peak_mib']:7.0f} MiB   {row['seconds']:8.3f} {row['unit']}",
+                          flush=True)
 
     small, large = min(args.sizes), max(args.sizes)
     header = f"{'stage':<14} | " + " | ".join(f"N={n:<4} MiB   time" for n in args.sizes) + " | memory ratio"
-    print(f"\n{args.classes} classes, clips {args.frames}x{args.size}^2, {args.threads} thread(s); "
-          f"wall {time.perf_counter() - tic:.0f} s\n{header}\n{'-' * len(header)}")
+    print(f"\n{args.classes} classes, clips {args.frames}x{args.size}^2, {args.threads} thread(s), cache.sampler_mb "
+          f"{sampler_mb:g}; wall {time.perf_counter() - tic:.0f} s\n{header}\n{'-' * len(header)}")
     growth = {}
     for stage, by_n in results.items():
         growth[stage] = by_n[large]["peak_mib"] / by_n[small]["peak_mib"]
