@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -15,9 +16,9 @@ import torch
 
 from vdistill.config import DemoConfig, load_config
 from vdistill.data.clips import ClassSampler, load_split, read_manifest, stream_split
-from vdistill.data.decode import DecodeSpec, decode_uri
+from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.ingest import IngestError, format_summary, partition_uri, run_ingest
-from vdistill.data.manifests import AnnotationError
+from vdistill.data.manifests import AnnotationError, build_manifest
 from vdistill.data.synthetic import read_frame_index, write_demo_dataset, write_index_video
 from vdistill.storage import Storage, join
 
@@ -119,6 +120,46 @@ def test_index_clips_hold_exactly_the_sampled_frames(bucket, ingested):
     window = test.videos[test.labels == idx][0].numpy()
     assert [read_frame_index(f) for f in whole] == np.round(np.linspace(0, 39, 8)).astype(int).tolist()
     assert [read_frame_index(f) for f in window] == (10 + np.round(np.linspace(0, 19, 8))).astype(int).tolist()
+
+
+class _Requests(logging.Handler):
+    """The S3 test server's request lines (werkzeug logs one per request, in this process's server thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_listed_video_is_fetched_with_one_request(bucket):
+    storage, _, root, csv_uri = bucket
+    manifest = build_manifest(_cfg(root, csv_uri, "").data, storage)
+    uri = next(r.uri for r in manifest.rows if r.uri.endswith("index/a.mp4"))
+    assert manifest.sizes[uri] == storage.size(uri)  # from the one listing the manifest made
+    logger, requests = logging.getLogger("werkzeug"), _Requests()
+    logger.addHandler(requests)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        listed = decode_uri(storage, uri, DecodeSpec(frames=8, size=32), size=manifest.sizes[uri])
+        listed_requests = [line for line in requests.lines if "index/a.mp4" in line]
+        requests.lines.clear()
+        unlisted = decode_uri(storage, uri, DecodeSpec(frames=8, size=32))
+        unlisted_requests = [line for line in requests.lines if "index/a.mp4" in line]
+    finally:
+        logger.removeHandler(requests)
+        logger.setLevel(level)
+    def methods(lines: list[str]) -> list[str]:  # werkzeug colours some lines: take the HTTP verb only
+        return [re.search(r"(GET|HEAD|PUT|POST) /", line).group(1) for line in lines]
+
+    assert methods(listed_requests) == ["GET"]
+    assert methods(unlisted_requests) == ["HEAD", "GET"]
+    assert np.array_equal(listed.frames, unlisted.frames)
+    with pytest.raises(DecodeError) as gone:  # deleted after the listing: still "missing"
+        decode_uri(storage, join(root, "broken/gone.mp4"), DecodeSpec(frames=8, size=32), size=1000)
+    assert gone.value.reason == "missing"
 
 
 def test_load_split_is_sorted_uint8_with_global_classes(bucket, ingested):

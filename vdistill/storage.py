@@ -6,12 +6,13 @@ endpoint is resolved here explicitly, from config first and then the standard AW
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -58,19 +59,43 @@ class Storage:
             return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
         raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}; use a local path or s3://bucket/key")
 
+    def _endpoint(self) -> tuple[str, str, str, str]:
+        """(scheme, host[:port] without credentials, access key, secret key); empty strings where unset."""
+        access_key, secret_key = self.access_key, self.secret_key
+        if not self.endpoint_url:
+            return "", "", access_key, secret_key
+        ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
+        if not access_key and ep.username:
+            access_key, secret_key = unquote(ep.username), unquote(ep.password or "")
+        return ep.scheme, ep.netloc.rsplit("@", 1)[-1], access_key, secret_key
+
     def _s3(self) -> pafs.S3FileSystem:
         # Delayed open: objects under one part (5 MB) go up as a single PutObject instead of a multipart
         # upload (fewer requests; moto's server answers CompleteMultipartUpload in a form pyarrow 25 rejects).
         kwargs: dict[str, Any] = {"region": self.region or "us-east-1", "allow_delayed_open": True}
-        access_key, secret_key = self.access_key, self.secret_key
-        if self.endpoint_url:
-            ep = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"https://{self.endpoint_url}")
-            kwargs.update(endpoint_override=ep.netloc.rsplit("@", 1)[-1], scheme=ep.scheme)
-            if not access_key and ep.username:
-                access_key, secret_key = unquote(ep.username), unquote(ep.password or "")
+        scheme, host, access_key, secret_key = self._endpoint()
+        if host:
+            kwargs.update(endpoint_override=host, scheme=scheme)
         if access_key:
             kwargs.update(access_key=access_key, secret_key=secret_key)
         return pafs.S3FileSystem(**kwargs)
+
+    @functools.cached_property
+    def _boto3(self) -> Any:
+        """One boto3 S3 client per handle (thread-safe), built on first use and never pickled."""
+        import boto3
+
+        scheme, host, access_key, secret_key = self._endpoint()
+        return boto3.session.Session().client(
+            "s3", region_name=self.region or "us-east-1", endpoint_url=f"{scheme}://{host}" if host else None,
+            aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None)
+
+    def __getstate__(self) -> dict[str, str]:  # the fields only: a cached client does not travel to Ray workers
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     # ---- reading ----------------------------------------------------------------------------
     def exists(self, uri: str) -> bool:
@@ -97,6 +122,21 @@ class Storage:
         with self.open_input(uri) as f:
             return f.read()
 
+    def get_object(self, uri: str) -> bytes:
+        """An s3:// object's bytes in one GET request (pyarrow's S3 files first ask for the size with a HEAD):
+        what ingest does for every video. FileNotFoundError when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3":
+            raise ValueError(f"get_object reads s3:// objects, not {uri!r}; use read_bytes")
+        try:
+            return self._boto3.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(uri) from None
+            raise
+
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
@@ -108,11 +148,15 @@ class Storage:
 
     def list_files(self, uri: str, recursive: bool = True) -> list[str]:
         """Files under a folder URI, as URIs, sorted; [] when the folder does not exist."""
+        return sorted(self.list_file_sizes(uri, recursive))
+
+    def list_file_sizes(self, uri: str, recursive: bool = True) -> dict[str, int]:
+        """`{file URI: bytes}` under a folder URI from one listing ({} when the folder does not exist)."""
         fs, path = self.resolve(uri)
         selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
         prefix = uri.rstrip("/")
-        infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
-        return sorted(f"{prefix}/{os.path.relpath(i.path, path)}" for i in infos)
+        return {f"{prefix}/{os.path.relpath(i.path, path)}": int(i.size)
+                for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
 
     # ---- writing ----------------------------------------------------------------------------
     def write_bytes(self, uri: str, data: bytes, *, durable: bool = True) -> None:

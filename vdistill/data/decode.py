@@ -170,12 +170,13 @@ def decode_clip(source: BinaryIO | str, spec: DecodeSpec, *, start_s: float | No
 
 
 def decode_uri(storage: Any, uri: str, spec: DecodeSpec, *, start_s: float | None = None,
-               end_s: float | None = None, key: str = "") -> DecodedClip:
+               end_s: float | None = None, key: str = "", size: int | None = None) -> DecodedClip:
     """Decode a video straight from storage (local or s3://; no local copy) with as few requests as possible.
 
-    A local file is opened by path, so FFmpeg reads it without a Python I/O callback per read. An object is
-    opened once (pyarrow's HEAD, which also tells missing and empty apart) and, up to `_WHOLE_OBJECT` bytes,
-    fetched with one GET and decoded from memory, instead of one range request per PyAV read and seek.
+    A local file is opened by path, so FFmpeg reads it without a Python I/O callback per read. An object of a
+    known `size` (from the dataset's one listing, `Manifest.sizes`) up to `_WHOLE_OBJECT` bytes is fetched with
+    one GET and decoded from memory. Otherwise pyarrow opens it (a HEAD, which also tells missing and empty
+    apart), then one GET, or range requests of `_IO_BUFFER` for larger objects, never one per PyAV read.
     """
     fs, path = storage.resolve(uri)
     key = key or uri
@@ -186,15 +187,18 @@ def decode_uri(storage: Any, uri: str, spec: DecodeSpec, *, start_s: float | Non
         if info.size == 0:
             raise DecodeError("empty", "0 bytes")
         return decode_clip(path, spec, start_s=start_s, end_s=end_s, key=key)
+    if size == 0:
+        raise DecodeError("empty", "0 bytes")
     try:
-        f = fs.open_input_file(path)
-    except FileNotFoundError:
+        if size is not None and size <= _WHOLE_OBJECT:
+            data = storage.get_object(uri)
+        else:
+            with fs.open_input_file(path) as f:
+                if f.size() == 0:
+                    raise DecodeError("empty", "0 bytes")
+                if f.size() > _WHOLE_OBJECT:
+                    return decode_clip(f, spec, start_s=start_s, end_s=end_s, key=key)
+                data = f.read()
+    except FileNotFoundError:  # never there, or gone since the listing
         raise DecodeError("missing", uri) from None
-    with f:
-        size = f.size()
-        if size == 0:
-            raise DecodeError("empty", "0 bytes")
-        if size > _WHOLE_OBJECT:
-            return decode_clip(f, spec, start_s=start_s, end_s=end_s, key=key)
-        data = f.read()
     return decode_clip(io.BytesIO(data), spec, start_s=start_s, end_s=end_s, key=key)

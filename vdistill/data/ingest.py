@@ -198,13 +198,14 @@ def decode_batch(batch: dict[str, np.ndarray], *, storage: Any, spec: DecodeSpec
     n = len(batch["uri"])
     status, detail, decoded, seconds = [], [], np.zeros(n, np.int64), np.zeros(n)
     shards = _Shards(storage, cache_uri, n)
-    for i, (uri, split, label, t0, t1) in enumerate(zip(batch["uri"], batch["split"], batch["label"],
-                                                        batch["start_s"], batch["end_s"])):
+    for i, (uri, split, label, size, t0, t1) in enumerate(zip(batch["uri"], batch["split"], batch["label"],
+                                                              batch["size"], batch["start_s"], batch["end_s"])):
         t0, t1 = _none_if_nan(t0), _none_if_nan(t1)
         key = clip_key(str(uri), t0, t1)
         t = time.perf_counter()
         try:
-            clip = decode_uri(storage, str(uri), spec, start_s=t0, end_s=t1, key=key)
+            clip = decode_uri(storage, str(uri), spec, start_s=t0, end_s=t1, key=key,
+                              size=int(size) if size >= 0 else None)
         except DecodeError as exc:
             status.append(exc.reason)
             detail.append(exc.detail)
@@ -259,7 +260,7 @@ def _dataset(manifest: Manifest, tasks: int):
     """One block per decode task: consecutive rows, so a task touches few classes (few staging shards)."""
     import ray
 
-    items = [{"uri": r.uri, "split": r.split, "label": r.label,
+    items = [{"uri": r.uri, "split": r.split, "label": r.label, "size": manifest.sizes.get(r.uri, -1),
               "start_s": float("nan") if r.start_s is None else r.start_s,
               "end_s": float("nan") if r.end_s is None else r.end_s} for r in manifest.rows]
     return ray.data.from_items(items, override_num_blocks=tasks)

@@ -50,6 +50,7 @@ class Manifest:
     rows: list[VideoRow]
     missing: list[dict] = field(default_factory=list)  # {"uri", "reason": "missing", "detail"}
     excluded: dict[str, int] = field(default_factory=dict)  # rows left out on purpose, by why
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each listed video: ingest GETs it without a HEAD
 
 
 class _FileIndex:
@@ -57,8 +58,8 @@ class _FileIndex:
 
     def __init__(self, storage: Any, root: str) -> None:
         self.root = root.rstrip("/")
-        uris = storage.list_files(self.root)
-        self.relative = {u[len(self.root) + 1:]: u for u in uris}
+        self.sizes: dict[str, int] = storage.list_file_sizes(self.root)
+        self.relative = {u[len(self.root) + 1:]: u for u in self.sizes}
         self.by_name: dict[str, str] = {}
         for rel, uri in sorted(self.relative.items()):
             self.by_name.setdefault(posixpath.basename(rel), uri)
@@ -125,7 +126,7 @@ def kinetics400(data_cfg: Any, storage: Any) -> Manifest:
                 items.append((uri, label, split, None, None))
     classes = sorted(labels)
     excluded = {"unlabelled": unlabelled} if unlabelled else {}
-    return Manifest("kinetics400", classes, _index_rows(classes, items), missing, excluded)
+    return Manifest("kinetics400", classes, _index_rows(classes, items), missing, excluded, files.sizes)
 
 
 # ---- Something-Something V2 -------------------------------------------------------------------------
@@ -146,11 +147,11 @@ def ssv2(data_cfg: Any, storage: Any) -> Manifest:
                 missing.append(_missing(join(data_cfg.root, f"{rec['id']}.webm"), f"SSv2 video {rec['id']}"))
             else:
                 items.append((uri, template, split, None, None))
-    return Manifest("ssv2", classes, _index_rows(classes, items), missing)
+    return Manifest("ssv2", classes, _index_rows(classes, items), missing, sizes=files.sizes)
 
 
 # ---- UCF101 / miniUCF -------------------------------------------------------------------------------
-def _ucf_rows(data_cfg: Any, storage: Any, keep: set[str] | None) -> tuple[list[str], list, list]:
+def _ucf_rows(data_cfg: Any, storage: Any, keep: set[str] | None) -> tuple[list[str], list, list, dict[str, int]]:
     ann = _annotations(data_cfg)
     prefixes = ["", "ucfTrainTestlist/"]
     class_ind = storage.read_text(_first_file(storage, ann, [f"{p}classInd.txt" for p in prefixes]))
@@ -174,19 +175,19 @@ def _ucf_rows(data_cfg: Any, storage: Any, keep: set[str] | None) -> tuple[list[
                 missing.append(_missing(join(data_cfg.root, rel), "UCF101 video not found"))
             else:
                 items.append((uri, label, split, None, None))
-    return classes, items, missing
+    return classes, items, missing, files.sizes
 
 
 def ucf101(data_cfg: Any, storage: Any) -> Manifest:
     """classInd.txt + trainlist0N/testlist0N (N = data.split_id), classes sorted by name like the paper."""
-    classes, items, missing = _ucf_rows(data_cfg, storage, None)
-    return Manifest("ucf101", classes, _index_rows(classes, items), missing)
+    classes, items, missing, sizes = _ucf_rows(data_cfg, storage, None)
+    return Manifest("ucf101", classes, _index_rows(classes, items), missing, sizes=sizes)
 
 
 def miniucf(data_cfg: Any, storage: Any) -> Manifest:
     """UCF101 restricted to the paper's 50 classes (MINIUCF_CLASSES)."""
-    classes, items, missing = _ucf_rows(data_cfg, storage, set(MINIUCF_CLASSES))
-    return Manifest("miniucf", classes, _index_rows(classes, items), missing)
+    classes, items, missing, sizes = _ucf_rows(data_cfg, storage, set(MINIUCF_CLASSES))
+    return Manifest("miniucf", classes, _index_rows(classes, items), missing, sizes=sizes)
 
 
 # ---- HMDB51 ----------------------------------------------------------------------------------------
@@ -225,7 +226,8 @@ def hmdb51(data_cfg: Any, storage: Any) -> Manifest:
                 missing.append(_missing(join(data_cfg.root, label, name), "HMDB51 video not found"))
             else:
                 items.append((uri, label, to_split[code], None, None))
-    return Manifest("hmdb51", classes, _index_rows(classes, items), missing, {"unused": unused} if unused else {})
+    return Manifest("hmdb51", classes, _index_rows(classes, items), missing, {"unused": unused} if unused else {},
+                    files.sizes)
 
 
 # ---- generic CSV -----------------------------------------------------------------------------------
@@ -396,7 +398,7 @@ def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
         else:
             missing.append(_missing(row.uri, f"listed in {csv_uri}:{row.line} ({row.label})"))
     classes = _sort_labels({row.label for row in rows})
-    return Manifest("generic_csv", classes, _index_rows(classes, items), missing)
+    return Manifest("generic_csv", classes, _index_rows(classes, items), missing, sizes=files.sizes)
 
 
 ADAPTERS: dict[str, Callable[[Any, Any], Manifest]] = {
