@@ -127,7 +127,7 @@ def compare(args: argparse.Namespace) -> None:
     if args.quick:
         classes, per_class, experts, epochs = 4, 16, 2, 2
     elif args.long:
-        classes, per_class, experts, epochs = 20, 32, 4, 5
+        classes, per_class, experts, epochs = 40, 64, 4, 5
     else:
         classes, per_class, experts, epochs = 10, 32, 4, 5
     frames, size = 8, 64
