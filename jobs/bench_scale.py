@@ -39,16 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STAGES = ("ingest", "experts", "static-dm", "dynamic-dm", "dynamic-mtt", "evaluate", "evaluate-full")
 BATCH_REAL = 8  # dynamic.batch_real / static.batch_real of the distillation stages
 TEST_PER_CLASS = 2
-ROWS_PER_GROUP = 16  # cache.rows_per_group (the default): a pool of the bounded sampler is whole row groups
 
 
 def write_cache(root: str, classes: int, per_class: int, frames: int, size: int) -> str:
-    """A cache of random uint8 clips with a per-class colour (enough structure for the losses to be non-trivial)."""
+    """A cache of random uint8 clips with a per-class colour (enough structure for the losses to be non-trivial),
+    written by ingest's own writer (`cache.file_mb` files, row groups of `cache.rows_per_group` clips)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from vdistill.data.clips import MANIFEST, partition_uri
+    from vdistill.data.clips import MANIFEST
+    from vdistill.data.ingest import _write_part
     from vdistill.storage import Storage, join
 
     storage, cache = Storage(), join(root, "cache")
@@ -59,12 +58,7 @@ def write_cache(root: str, classes: int, per_class: int, frames: int, size: int)
         for c in range(classes):
             clips = rng.integers(0, 160, (n, frames, size, size, 3), dtype=np.uint8)
             clips[..., c % 3] += 90
-            table = pa.table({"clip": pa.array(list(clips.reshape(n, -1)), pa.list_(pa.uint8())),
-                              "label": pa.array([c] * n, pa.int64()),
-                              "key": pa.array([f"{split}-{c:04d}-{i:05d}" for i in range(n)])})
-            folder = partition_uri(cache, split, c)
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, f"{folder}/part-0.parquet", row_group_size=ROWS_PER_GROUP)
+            _write_part(storage, cache, split, c, [(f"{split}-{c:04d}-{i:05d}", "", clips[i]) for i in range(n)])
             counts[split][str(c)] = n
     storage.write_json(join(cache, MANIFEST), {
         "classes": [f"class {c:03d}" for c in range(classes)], "frames": frames, "size": size,

@@ -9,10 +9,9 @@ import torch
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.extensions import ArrowTensorArray
 
 from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig, load_config
-from vdistill.data.clips import MANIFEST, ClipSet, load_split, partition_uri
+from vdistill.data.clips import MANIFEST, ClipSet, clip_column, load_split, partition_uri
 from vdistill.data.stream import SplitStream
 from vdistill.distill.synset import storage_mb
 from vdistill.evaluate import (TensorSource, eval_seeds, evaluate_set, format_results_table, lr_decay_epoch,
@@ -39,7 +38,7 @@ def write_cache(cache_uri: str, splits: dict[str, ClipSet]) -> None:
     for split, clips in splits.items():
         for c in range(len(clips.classes)):
             mine = (clips.labels == c).nonzero().flatten()
-            table = pa.table({"clip": ArrowTensorArray.from_numpy(clips.videos[mine].numpy()),
+            table = pa.table({"clip": clip_column(clips.videos[mine].numpy()),
                               "label": pa.array([c] * len(mine), pa.int64()),
                               "key": pa.array([f"{split}-{int(i):04d}" for i in mine])})
             folder = partition_uri(cache_uri, split, c)

@@ -11,15 +11,18 @@ import pytest
 import torch
 from ray.data.extensions import ArrowTensorArray
 
-from vdistill.data.clips import MANIFEST, partition_uri
+from vdistill.data.clips import MANIFEST, clip_column, partition_uri
 from vdistill.data.stream import SplitStream
 from vdistill.storage import Storage, join
 
 CLASSES, FRAMES, SIZE = 4, 4, 16
 
 
-def write_cache(cache_uri: str, per_class: int, *, files_per_class: int = 1, row_group_size: int | None = None) -> None:
-    """Clip `i` of the split holds `i % 256` in pixel (0, 0) of every frame, and frame t holds t in pixel (1, 0)."""
+def write_cache(cache_uri: str, per_class: int, *, files_per_class: int = 1, row_group_size: int | None = None,
+                encoding: str = "tensor") -> None:
+    """Clip `i` of the split holds `i % 256` in pixel (0, 0) of every frame, and frame t holds t in pixel (1, 0).
+
+    `encoding`: "tensor" (Ray's tensor column, what caches before `clip_column` hold) or "binary" (`clip_column`)."""
     storage = Storage()
     for label in range(CLASSES):
         ids = np.arange(label * per_class, (label + 1) * per_class)
@@ -27,7 +30,8 @@ def write_cache(cache_uri: str, per_class: int, *, files_per_class: int = 1, row
         clips[:, :, 0, 0, 0] = (ids % 256)[:, None]
         clips[:, :, 1, 0, 0] = np.arange(FRAMES)
         for part, rows in enumerate(np.array_split(np.arange(len(ids)), files_per_class)):
-            table = pa.table({"clip": ArrowTensorArray.from_numpy(clips[rows]),
+            column = ArrowTensorArray.from_numpy(clips[rows]) if encoding == "tensor" else clip_column(clips[rows])
+            table = pa.table({"clip": column,
                               "label": pa.array([label] * len(rows), pa.int64()),
                               "key": pa.array([f"clip-{i:04d}" for i in ids[rows]])})
             path = join(partition_uri(cache_uri, "train", label), f"part-{part}.parquet")
@@ -55,6 +59,14 @@ def test_an_epoch_yields_every_clip_once_in_full_batches_then_the_rest(cache):
     assert all(x.shape[1:] == (FRAMES, SIZE, SIZE, 3) and x.dtype == torch.uint8 for x, _ in batches)
     for x, y in batches:  # labels travel with their clips
         assert (y == x[:, 0, 0, 0, 0].long() // 10).all()
+
+
+def test_caches_with_tensor_columns_read_exactly_like_binary_ones(tmp_path):
+    write_cache(str(tmp_path / "tensor"), per_class=10, row_group_size=4, encoding="tensor")
+    write_cache(str(tmp_path / "binary"), per_class=10, row_group_size=4, encoding="binary")
+    epochs = [list(SplitStream(Storage(), str(tmp_path / name), "train").epoch(2, 1, batch_size=4))
+              for name in ("tensor", "binary")]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*epochs, strict=True))
 
 
 def test_the_order_is_a_pure_function_of_seed_and_epoch(cache):

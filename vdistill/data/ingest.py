@@ -1,7 +1,7 @@
 """Decode a dataset once into the Parquet clip cache with Ray Data + PyAV, resumably and loudly.
 
-Layout under `cfg.cache_uri`: `clips/split=<split>/label=<idx:04d>/part-<hash>.parquet` (columns clip
-uint8 `(T, H, W, 3)`, label int64, key, uri), `quarantine.jsonl` (uri, reason, detail), `short_videos.jsonl`
+Layout under `cfg.cache_uri`: `clips/split=<split>/label=<idx:04d>/part-<hash>.parquet` (columns clip: the
+uint8 `(T, H, W, 3)` bytes as one fixed-size binary value, `data.clips.clip_column`; label int64, key, uri), `quarantine.jsonl` (uri, reason, detail), `short_videos.jsonl`
 and `manifest.json`, written last and atomically; its `input_hash` (annotation rows + decode params)
 makes a repeated run a no-op. A class takes as few files as `cache.file_mb` allows (each file but its last
 is at least that big, so B bytes of a class take at most ceil(B / file_mb) files), and every file is cut
@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from vdistill.config import CacheConfig
-from vdistill.data.clips import CLIPS, MANIFEST, partition_uri
+from vdistill.data.clips import CLIPS, MANIFEST, clip_column, partition_uri
 from vdistill.data.decode import DecodeError, DecodeSpec, decode_uri
 from vdistill.data.manifests import Manifest, build_manifest
 from vdistill.errors import UserError
@@ -82,11 +82,10 @@ def _names_hash(keys: Iterable[str]) -> str:
 def _clip_table(label: int, clips: list[tuple[str, str, np.ndarray]]):
     """Clips `(key, uri, (T, H, W, 3))` of one class -> the cache's Arrow table, sorted by key."""
     import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
 
     clips = sorted(clips, key=lambda c: c[0])
     return pa.table({
-        "clip": ArrowTensorArray.from_numpy(np.stack([c[2] for c in clips])),
+        "clip": clip_column(np.stack([c[2] for c in clips])),
         "label": pa.array([label] * len(clips), pa.int64()),
         "key": pa.array([c[0] for c in clips], pa.string()),
         "uri": pa.array([c[1] for c in clips], pa.string()),
@@ -236,7 +235,6 @@ def compact_class(storage: Any, shards: list[str], folder: str, rows_per_group: 
     """A class's staging shards -> its final files in `folder` (see `_write_parts`); shards are read one at a
     time in name order, so a retry writes the same files. Returns bytes, files and seconds."""
     import pyarrow as pa
-    import ray.data.extensions  # noqa: F401  registers the tensor type, so clip columns keep it through IPC
 
     started = time.perf_counter()
     tables = (pa.ipc.open_file(pa.BufferReader(storage.read_bytes(uri))).read_all() for uri in sorted(shards))

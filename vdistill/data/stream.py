@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from vdistill.data.clips import CLIPS, read_manifest
+from vdistill.data.clips import CLIPS, clip_array, read_manifest
 from vdistill.storage import join, path_component
 
 # `(clips, labels)`: uint8 `(B, T, H, W, 3)` (or frames `(B, H, W, 3)`) and int64 `(B,)`.
@@ -42,14 +41,6 @@ def frame_choice(keys: Sequence[str], seed: int, frames: int) -> np.ndarray:
     salt = str(seed).encode()
     return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little") % frames
                      for k in keys], dtype=np.int64)
-
-
-def _clips(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
-    """Tensor column (Ray's tensor extension or its list storage) of one row group -> uint8 `(N, *shape)`."""
-    parts = [(c.storage if isinstance(c, pa.ExtensionArray) else c).flatten().to_numpy(zero_copy_only=False)
-             for c in column.chunks]
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.astype(np.uint8, copy=False).reshape(-1, *shape)
 
 
 class SplitStream:
@@ -148,7 +139,7 @@ class SplitStream:
                     frame_seed: int | None) -> tuple[np.ndarray, np.ndarray]:
         with self._fs.open_input_file(group.path) as handle:
             table = pq.ParquetFile(handle).read_row_group(group.index, columns=columns)
-        clips = _clips(table["clip"], self.clip_shape)
+        clips = clip_array(table["clip"], self.clip_shape)
         labels = table["label"].to_numpy().astype(np.int64, copy=False)
         if frame_seed is not None:
             frames = frame_choice(table["key"].to_pylist(), frame_seed, self.clip_shape[0])
