@@ -4,6 +4,10 @@ Same rows, same T and resolution for both. The plain loop only decodes; the Ray 
 Parquet cache (staging shards, compaction, manifest), so its ratio is a lower bound. Each run is repeated
 and the best kept (the range is printed): on a shared 2-core machine any other job distorts a run.
 
+A bare multi-process loop (`pool`: the plain loop in as many spawned processes as Ray has CPUs, each decoding
+every N-th video) shows what this machine gives N processes at all: on the 2-vCPU development machine two
+concurrent decoders run at about 0.8-0.9 of one each, which caps any parallel ingest's per-core ratio there.
+
 Per Ray run it prints where the wall-clock time went (the ingest's own `timings`): manifest (annotations +
 listing), lease (its settle wait) and other driver work, Ray Data start-up (until the first decode task
 runs), the decode stage (decode tasks, with compaction of finished classes overlapped), the compaction
@@ -15,8 +19,11 @@ seconds / (Ray seconds x CPUs) end to end; `steady` uses the decode stage alone 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,16 +105,30 @@ def _cfg(root: str, csv_uri: str, cache: str):
                               f"decode.frames={FRAMES}", f"decode.size={SIZE}", "cache.max_quarantine_fraction=0"])
 
 
-def plain_loop(storage: Storage, cfg, name: str, source: str, repeats: int) -> Result:
+def _decode_rows(storage: Storage, spec: DecodeSpec, rows: list, sizes: dict[str, int]) -> int:
+    """The plain loop: decode every row, one after the other; returns the decoded frames."""
+    return sum(decode_uri(storage, r.uri, spec, start_s=r.start_s, end_s=r.end_s, size=sizes.get(r.uri)).num_decoded
+               for r in rows)
+
+
+def plain_loop(storage: Storage, cfg, name: str, source: str, repeats: int, processes: int = 1) -> Result:
+    """The plain loop in one process, or in `processes` spawned processes each decoding every `processes`-th row
+    (a bare multi-process loop: what the machine gives N processes, with none of Ray's or ingest's work)."""
     spec = DecodeSpec.from_config(cfg.decode)
-    rows = build_manifest(cfg.data, storage).rows
+    manifest = build_manifest(cfg.data, storage)
+    rows, sizes = manifest.rows, manifest.sizes
     seconds = []
-    with RssSampler() as rss:
+    with RssSampler() as rss, multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.starmap(_decode_rows, [(storage, spec, rows[:1], sizes)] * processes)  # imports, outside the timing
         for _ in range(repeats):
             started = time.perf_counter()
-            frames = sum(decode_uri(storage, r.uri, spec, start_s=r.start_s, end_s=r.end_s).num_decoded for r in rows)
+            if processes == 1:
+                frames = _decode_rows(storage, spec, rows, sizes)
+            else:
+                frames = sum(pool.starmap(_decode_rows, [(storage, spec, rows[i::processes], sizes)
+                                                         for i in range(processes)]))
             seconds.append(time.perf_counter() - started)
-    return Result(name, source, len(rows), frames, seconds, rss.peak / 2**20, 1.0)
+    return Result(name, source, len(rows), frames, seconds, rss.peak / 2**20, float(processes))
 
 
 def ray_ingest(storage: Storage, cfg_for, name: str, source: str, cores: float, repeats: int) -> Result:
@@ -129,6 +150,18 @@ def mirror(local: Storage, src_root: str, remote: Storage, dst_root: str) -> Non
         remote.write_bytes(dst_root + uri[len(src_root):], local.read_bytes(uri))
 
 
+def _wait_for(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,28 +169,28 @@ def free_port() -> int:
 
 
 def _ratio(plain: Result, ray: Result, seconds: float) -> float:
-    """Per core: plain frames/s over Ray frames/s per CPU (same frames, so a ratio of times)."""
-    return plain.best / (seconds * ray.cores) if seconds > 0 else 0.0
+    """Per core: the plain run's frames/s per process over Ray's frames/s per CPU (same frames: a ratio of times)."""
+    return plain.best * plain.cores / (seconds * ray.cores) if seconds > 0 else 0.0
 
 
-def format_table(pairs: list[tuple[Result, Result]]) -> str:
-    head = (f"{'workload':<22}{'source':<7}{'clips':>6}{'plain s':>9}{'ray s':>8}{'range':>13}{'plain f/s':>10}"
-            f"{'ray f/s':>9}{'RSS MB':>8}{'per core':>9}{'steady':>8}")
+def format_table(runs: list[tuple[Result, Result, Result]]) -> str:
+    head = (f"{'workload':<22}{'source':<7}{'clips':>6}{'plain s':>9}{'pool s':>8}{'ray s':>8}{'range':>12}"
+            f"{'ray f/s':>9}{'RSS MB':>8}{'per core':>9}{'vs pool':>8}{'steady':>8}")
     lines = [head, "-" * len(head)]
-    for plain, ray in pairs:
+    for plain, pool, ray in runs:
         rng = f"{min(ray.seconds):.1f}-{max(ray.seconds):.1f}"
-        lines.append(f"{plain.name:<22}{plain.source:<7}{ray.clips:>6}{plain.best:>9.2f}{ray.best:>8.2f}{rng:>13}"
-                     f"{plain.frames_per_s:>10.0f}{ray.frames_per_s:>9.0f}{ray.peak_rss_mb:>8.0f}"
-                     f"{_ratio(plain, ray, ray.best):>9.2f}{_ratio(plain, ray, ray.timings['decode_s']):>8.2f}")
+        lines.append(f"{plain.name:<22}{plain.source:<7}{ray.clips:>6}{plain.best:>9.2f}{pool.best:>8.2f}{ray.best:>8.2f}"
+                     f"{rng:>12}{ray.frames_per_s:>9.0f}{ray.peak_rss_mb:>8.0f}{_ratio(plain, ray, ray.best):>9.2f}"
+                     f"{_ratio(pool, ray, ray.best):>8.2f}{_ratio(pool, ray, ray.timings['decode_s']):>8.2f}")
     return "\n".join(lines)
 
 
-def format_split(pairs: list[tuple[Result, Result]]) -> str:
+def format_split(runs: list[tuple[Result, Result, Result]]) -> str:
     """Wall seconds of the best Ray run by step (they add up to its total), then worker busy seconds."""
     head = (f"{'workload':<22}{'source':<7}{'total':>7}{'manif.':>7}{'lease+':>7}{'start':>7}{'decode':>7}"
             f"{'c.tail':>7}{'final':>7} |{'w.dec':>7}{'w.stage':>8}{'w.comp':>7}{'idle%':>7}")
     lines = [head, "-" * len(head)]
-    for plain, ray in pairs:
+    for plain, _, ray in runs:
         t, w = ray.timings, ray.timings["workers"]
         steps = ("manifest_s", "clear_s", "startup_s", "decode_s", "compaction_tail_s", "finalize_s")
         other = t["total_s"] - sum(t[k] for k in steps) + t["clear_s"]  # lease settle, driver set-up, manifest write
@@ -186,18 +219,20 @@ def main() -> None:
 
     import boto3
     import ray
-    from moto.server import ThreadedMotoServer
 
     local = Storage()
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    # Its own process: a server thread in this driver would share the GIL with Ray Data's executor (which runs here)
+    # and slow every S3 request of the Ray run, not of the plain loops (measured: 1.5x more decode time per video).
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
+    _wait_for(port)
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
                  aws_secret_access_key="bench").create_bucket(Bucket="bench")
     s3 = Storage(endpoint_url=endpoint, region="us-east-1", access_key="bench", secret_key="bench")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    pairs: list[tuple[Result, Result]] = []
+    runs: list[tuple[Result, Result, Result]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workloads = []
@@ -223,22 +258,26 @@ def main() -> None:
                     csv = data_root + csv_uri[len(root):]
                     caches = join(tmp if source == "local" else "s3://bench", f"cache-{os.path.basename(root)}")
                     plain = plain_loop(storage, _cfg(data_root, csv, ""), name, source, repeats)
+                    pool = plain_loop(storage, _cfg(data_root, csv, ""), name, source, repeats, args.cpus)
                     ray_run = ray_ingest(storage, lambda i: _cfg(data_root, csv, f"{caches}-{i}"), name, source,
                                          args.cpus, repeats)
-                    pairs.append((plain, ray_run))
-                    print(format_table(pairs[-1:]).splitlines()[-1], flush=True)
+                    runs.append((plain, pool, ray_run))
+                    print(format_table(runs[-1:]).splitlines()[-1], flush=True)
     finally:
         ray.shutdown()
-        server.stop()
-    print(f"\nT={FRAMES} size={SIZE}; plain = 1 process, decode only; ray = run_ingest on {args.cpus} CPUs (decode + "
-          f"staging + compaction + manifest); best of {repeats}, range = all Ray runs; per core = plain s / (ray s x "
-          "CPUs); steady = the same over the decode stage only\n")
-    print(format_table(pairs))
+        server.terminate()
+        server.wait()
+    print(f"\nT={FRAMES} size={SIZE}; plain = 1 process, decode only; pool = the plain loop in {args.cpus} processes; "
+          f"ray = run_ingest on {args.cpus} CPUs (decode + staging + compaction + manifest); best of {repeats}, range = "
+          "all Ray runs; per core = plain s / (ray s x CPUs); vs pool = pool s / ray s; steady = vs pool over the "
+          "decode stage only\n")
+    print(format_table(runs))
     print("\nWall seconds of the best Ray run by step (lease+ = lease settle wait and other driver work), | then busy "
           "seconds summed over workers; idle% = CPU share unused during decode + compaction tail\n")
-    print(format_split(pairs))
-    ratios = {f"{p.name} {p.source}": (_ratio(p, r, r.best), _ratio(p, r, r.timings["decode_s"])) for p, r in pairs}
-    print("\nsummary: per core end-to-end / steady: " + "; ".join(f"{k} {a:.2f}/{b:.2f}" for k, (a, b) in ratios.items()))
+    print(format_split(runs))
+    print("\nsummary: per core / vs pool / steady vs pool: " + "; ".join(
+        f"{p.name} {p.source} {_ratio(p, r, r.best):.2f}/{_ratio(q, r, r.best):.2f}/{_ratio(q, r, r.timings['decode_s']):.2f}"
+        for p, q, r in runs))
 
 
 if __name__ == "__main__":
