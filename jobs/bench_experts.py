@@ -11,8 +11,15 @@ includes streaming the epoch from the cache). Start-up comes from the epoch time
 `--memory` instead trains one video and one frame expert (1 worker, 400 classes of 8x32x32 clips) at 5 and at
 80 clips per class and prints the Ray Train worker's peak RSS at both sizes and the time per epoch.
 
+`--readers` compares how an expert could read its epochs (400 classes x 20 clips of 8x32x32, batches of 64, the
+same 64 MB shuffle buffer, no training): `SplitStream` (what experts use: pyarrow row groups in a seeded order)
+against Ray Data (`read_parquet` + `iter_torch_batches` with a seeded local shuffle buffer), each in a fresh
+process with a fresh local Ray: seconds per epoch (first and second) and the peak RSS of every process involved
+(the reader's, plus Ray's workers, raylet and object store for Ray Data).
+
     python jobs/bench_experts.py [--quick | --long]     # --long: the bare loop alone runs >= 5 minutes
     python jobs/bench_experts.py --memory
+    python jobs/bench_experts.py --readers
 """
 from __future__ import annotations
 
@@ -210,14 +217,100 @@ def memory() -> None:
           + ", ".join(f"{kind} {g:.1f}x" for kind, g in growth.items()) + " (linear: 16x)")
 
 
+def _read_epochs(reader: str, cache_uri: str, out: str) -> None:
+    """Subprocess body of `--readers`: two epochs through one reader; writes seconds and peak RSS to `out`."""
+    import ray
+
+    from vdistill.data.clips import stream_split
+    from vdistill.data.stream import SplitStream
+
+    storage, seconds = Storage(), []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    clip_bytes = int(np.prod(SplitStream(storage, cache_uri, "train").clip_shape))
+    with RssSampler() as rss:
+        for epoch in (1, 2):
+            tic = time.perf_counter()
+            if reader == "SplitStream":
+                batches = SplitStream(storage, cache_uri, "train").epoch(0, epoch, 64)
+            else:
+                batches = stream_split(storage, cache_uri, "train").iter_torch_batches(
+                    batch_size=64, local_shuffle_buffer_size=(64 << 20) // clip_bytes, local_shuffle_seed=epoch)
+            clips = sum(len(batch[1] if isinstance(batch, tuple) else batch["label"]) for batch in batches)
+            seconds.append(time.perf_counter() - tic)
+    ray.shutdown()
+    with open(out, "w") as f:
+        json.dump({"seconds": seconds, "clips": clips, "peak_mb": rss.peak / 2**20}, f)
+
+
+class RssSampler:
+    """Peak of the summed RSS of this process and every process of the local Ray (sampled every 50 ms)."""
+
+    def __enter__(self) -> "RssSampler":
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.05):
+            total = me.memory_info().rss
+            for p in psutil.process_iter(["name", "cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.pid != me.pid and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                        or "ray/_private" in cmd):
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def readers() -> None:
+    """One epoch of a 400-class split through SplitStream and through Ray Data, each in a fresh process."""
+    import subprocess
+    import sys
+
+    classes, per_class, frames, size = 400, 20, 8, 32
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench_readers_") as root:
+        write_cache(Storage(), f"{root}/cache", classes, {"train": per_class}, frames, size)
+        for reader in ("SplitStream", "Ray Data"):
+            out = os.path.join(root, "out.json")
+            subprocess.run([sys.executable, __file__, "--read-epochs", reader, f"{root}/cache", out], check=True)
+            rows[reader] = json.load(open(out))
+    print(f"\none epoch of {classes * per_class} clips ({frames}x{size}x{size}), batches of 64, a 64 MB shuffle buffer")
+    print(f"{'reader':<12} {'epoch 1 s':>9} {'epoch 2 s':>9} {'clips/s':>8} {'peak RSS MB (all processes)':>28}")
+    for name, r in rows.items():
+        print(f"{name:<12} {r['seconds'][0]:9.2f} {r['seconds'][1]:9.2f} {r['clips'] / r['seconds'][1]:8.0f} "
+              f"{r['peak_mb']:28.0f}")
+    split, ray_data = rows["SplitStream"], rows["Ray Data"]
+    print(f"Ray Data / SplitStream: epoch time {ray_data['seconds'][1] / split['seconds'][1]:.2f}x, "
+          f"memory {ray_data['peak_mb'] / split['peak_mb']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (smoke test)")
     size.add_argument("--long", action="store_true", help="a job whose bare loop alone runs >= 5 minutes")
     size.add_argument("--memory", action="store_true", help="a worker's peak RSS at 5 and 80 clips per class")
+    size.add_argument("--readers", action="store_true", help="SplitStream vs Ray Data for an expert's epochs")
+    parser.add_argument("--read-epochs", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory:
+    if args.read_epochs:
+        _read_epochs(*args.read_epochs)
+    elif args.readers:
+        readers()
+    elif args.memory:
         memory()
     else:
         compare(args)
