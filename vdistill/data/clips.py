@@ -83,7 +83,9 @@ def clip_array(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
         else:
             storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
             parts.append(storage.flatten().to_numpy(zero_copy_only=False).astype(np.uint8, copy=False))
-    flat = np.concatenate(parts) if len(parts) != 1 else parts[0].copy()  # a copy: Arrow's buffers are read-only
+    if not parts:
+        return np.empty((0, *shape), np.uint8)
+    flat = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()  # a copy: Arrow's buffers are read-only
     return flat.reshape(-1, *shape)
 
 
