@@ -79,7 +79,8 @@ def clip_array(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
     for chunk in column.chunks:
         if pa.types.is_fixed_size_binary(chunk.type):
             width = chunk.type.byte_width
-            parts.append(np.frombuffer(chunk.buffers()[1], np.uint8)[chunk.offset * width:(chunk.offset + len(chunk)) * width])
+            values = np.frombuffer(chunk.buffers()[1], np.uint8)
+            parts.append(values[chunk.offset * width : (chunk.offset + len(chunk)) * width])
         else:
             storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
             parts.append(storage.flatten().to_numpy(zero_copy_only=False).astype(np.uint8, copy=False))
@@ -135,8 +136,9 @@ class ClassSampler:
     sorted by key. A larger class holds a *pool* of `pool_clips` clips: random Parquet row groups (the smallest
     read), of which a random `pool_clips` rows are kept, so the budget holds whatever `cache.rows_per_group`
     ingest wrote. A pool is swapped for the next once `REUSE` times as many clips were drawn from it as it holds,
-    the next pool read ahead in a background thread while the current one serves. Which row groups a pool holds is a pure function of (seed, class,
-    rotation), and `state()` is what a checkpoint must keep, so a resumed loop draws the same clips.
+    the next pool read ahead in a background thread while the current one serves. Which clips a pool holds is a
+    pure function of (seed, class, rotation), and `state()` is what a checkpoint must keep, so a resumed loop
+    draws the same clips.
     Use it as a context manager (it stops the read-ahead thread).
     """
 

@@ -1,9 +1,9 @@
 """Decode a dataset once into the Parquet clip cache with Ray Data + PyAV, resumably and loudly.
 
 Layout under `cfg.cache_uri`: `clips/split=<split>/label=<idx:04d>/part-<hash>.parquet` (columns clip: the
-uint8 `(T, H, W, 3)` bytes as one fixed-size binary value, `data.clips.clip_column`; label int64, key, uri), `quarantine.jsonl` (uri, reason, detail), `short_videos.jsonl`
-and `manifest.json`, written last and atomically; its `input_hash` (annotation rows + decode params)
-makes a repeated run a no-op. A class takes as few files as `cache.file_mb` allows (each file but its last
+uint8 `(T, H, W, 3)` bytes as one fixed-size binary value, `data.clips.clip_column`; label int64, key, uri),
+`quarantine.jsonl` (uri, reason, detail), `short_videos.jsonl` and `manifest.json`, written last and
+atomically; its `input_hash` (annotation rows + decode params) makes a repeated run a no-op. A class takes as few files as `cache.file_mb` allows (each file but its last
 is at least that big, so B bytes of a class take at most ceil(B / file_mb) files), and every file is cut
 into Parquet row groups of at most `cache.rows_per_group` clips, so a reader can fetch a few random clips
 of a class by reading a few row groups instead of whole files.
@@ -423,6 +423,7 @@ def format_summary(summary: dict) -> str:
         s, w = summary["timings"], summary["timings"]["workers"]
         lines.append(f"  wall s: start-up {s['startup_s']:.1f}, decode {s['decode_s']:.1f}, compaction tail "
                      f"{s['compaction_tail_s']:.1f}, finalize {s['finalize_s']:.1f}   worker s: decode "
-                     f"{w['decode_s']:.1f}, staging writes {w['staging_write_s']:.1f}, compaction {w['compaction_s']:.1f}"
+                     f"{w['decode_s']:.1f}, staging writes {w['staging_write_s']:.1f}, compaction "
+                     f"{w['compaction_s']:.1f}"
                      + (f"   worker peak RSS {w['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in w else ""))
     return "\n".join(lines)

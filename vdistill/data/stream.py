@@ -47,9 +47,9 @@ class SplitStream:
     """One split of a clip cache, read in batches: `epoch(...)` shuffled for training, `in_order(...)` for tests.
 
     The row groups are listed once (one footer per file, read in parallel threads), so one stream serves every
-    expert and epoch of a worker; it pickles as that list, so one listing also serves every evaluation task. `frame_seed` turns clips into single frames `(H, W, 3)`, one fixed frame per
-    clip (`frame_choice`), for 2-D frame experts; frames are picked as each row group is read, so the buffer
-    then holds frames, not clips.
+    expert and epoch of a worker; it pickles as that list, so one listing also serves every evaluation task.
+    `frame_seed` turns clips into single frames `(H, W, 3)`, one fixed frame per clip (`frame_choice`), for 2-D
+    frame experts; frames are picked as each row group is read, so the buffer then holds frames, not clips.
     """
 
     def __init__(self, storage: Any, cache_uri: str, split: str, *, buffer_mb: float = 64.0,
