@@ -3,10 +3,11 @@
 Layout under `cfg.cache_uri`: `clips/split=<split>/label=<idx:04d>/part-<hash>.parquet` (columns clip: the
 uint8 `(T, H, W, 3)` bytes as one fixed-size binary value, `data.clips.clip_column`; label int64, key, uri),
 `quarantine.jsonl` (uri, reason, detail), `short_videos.jsonl` and `manifest.json`, written last and
-atomically; its `input_hash` (annotation rows + decode params) makes a repeated run a no-op. A class takes as few files as `cache.file_mb` allows (each file but its last
-is at least that big, so B bytes of a class take at most ceil(B / file_mb) files), and every file is cut
-into Parquet row groups of at most `cache.rows_per_group` clips, so a reader can fetch a few random clips
-of a class by reading a few row groups instead of whole files.
+atomically; its `input_hash` (annotation rows + decode params) makes a repeated run a no-op. A class takes
+as few files as `cache.file_mb` allows (each file but its last is at least that big, so B bytes of a class
+take at most ceil(B / file_mb) files), and every file is cut into Parquet row groups of at most
+`cache.rows_per_group` clips, so a reader can fetch a few random clips of a class by reading a few row groups
+instead of whole files.
 
 Two steps, overlapped: Ray Data tasks decode consecutive runs of rows (sorted by class) and write one
 uncompressed Arrow shard per class they touch under `staging/`; as soon as every video of a class has been
