@@ -121,17 +121,14 @@ class Storage:
         return fs.open_input_file(path)
 
     def read_bytes(self, uri: str) -> bytes:
-        with self.open_input(uri) as f:
-            return f.read()
-
-    def get_object(self, uri: str) -> bytes:
-        """An s3:// object's bytes in one GET request (pyarrow's S3 files first ask for the size with a HEAD):
-        what ingest does for every video. FileNotFoundError when there is no such object."""
-        from botocore.exceptions import ClientError
-
+        """The whole file or object. An s3:// object takes one GET (boto3): pyarrow's S3 files first ask for the
+        size with a HEAD, a second request per object. FileNotFoundError when there is none."""
         parsed = urlparse(uri)
         if parsed.scheme != "s3":
-            raise ValueError(f"get_object reads s3:// objects, not {uri!r}; use read_bytes")
+            with self.open_input(uri) as f:
+                return f.read()
+        from botocore.exceptions import ClientError
+
         try:
             return self._boto3.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
         except ClientError as exc:

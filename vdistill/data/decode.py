@@ -174,9 +174,10 @@ def decode_uri(storage: Any, uri: str, spec: DecodeSpec, *, start_s: float | Non
     """Decode a video straight from storage (local or s3://; no local copy) with as few requests as possible.
 
     A local file is opened by path, so FFmpeg reads it without a Python I/O callback per read. An object of a
-    known `size` (from the dataset's one listing, `Manifest.sizes`) up to `_WHOLE_OBJECT` bytes is fetched with
-    one GET and decoded from memory. Otherwise pyarrow opens it (a HEAD, which also tells missing and empty
-    apart), then one GET, or range requests of `_IO_BUFFER` for larger objects, never one per PyAV read.
+    known `size` (from the dataset's one listing, `Manifest.sizes`) up to `_WHOLE_OBJECT` bytes is fetched whole
+    (`Storage.read_bytes`: one GET) and decoded from memory. Otherwise pyarrow opens it (a HEAD, which also tells
+    missing and empty apart), then one GET, or range requests of `_IO_BUFFER` for larger objects, never one
+    request per PyAV read.
     """
     fs, path = storage.resolve(uri)
     key = key or uri
@@ -191,7 +192,7 @@ def decode_uri(storage: Any, uri: str, spec: DecodeSpec, *, start_s: float | Non
         raise DecodeError("empty", "0 bytes")
     try:
         if size is not None and size <= _WHOLE_OBJECT:
-            data = storage.get_object(uri)
+            data = storage.read_bytes(uri)
         else:
             with fs.open_input_file(path) as f:
                 if f.size() == 0:
