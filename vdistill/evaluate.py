@@ -156,7 +156,8 @@ def _train_then_test(source: TrainSource, test_set: TestSplit, model: torch.nn.M
                               "lower evaluate.lr"}
         if epoch == decay_after:
             optimizer = sgd(lr * 0.1)  # a NEW optimizer (momentum reset), as the paper's code does
-    passes = (batch for _ in range(eval_cfg.test_passes) for batch in test_set.in_order(eval_cfg.batch_size))
+    # Every test batch is scored `test_passes` times in a row (its own flips each time): one read of the split.
+    passes = (batch for batch in test_set.in_order(eval_cfg.batch_size) for _ in range(eval_cfg.test_passes))
     scores = accuracy(model, passes, device=device, flip=eval_cfg.test_flip,
                       generator=torch.Generator().manual_seed(seed), standardize=train_cfg.standardize)
     return {**scores, "train_loss": stats["loss"], "train_acc": stats["acc"]}
