@@ -38,6 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rss import RssSampler  # noqa: E402  (jobs/rss.py)
 from vdistill.config import Config, load_config  # noqa: E402
 from vdistill.data.clips import load_split  # noqa: E402
 from vdistill.data.ingest import MANIFEST, _write_part  # noqa: E402
@@ -240,38 +241,6 @@ def _read_epochs(reader: str, cache_uri: str, out: str) -> None:
     ray.shutdown()
     with open(out, "w") as f:
         json.dump({"seconds": seconds, "clips": clips, "peak_mb": rss.peak / 2**20}, f)
-
-
-class RssSampler:
-    """Peak of the summed RSS of this process and every process of the local Ray (sampled every 50 ms)."""
-
-    def __enter__(self) -> "RssSampler":
-        import threading
-
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.wait(0.05):
-            total = me.memory_info().rss
-            for p in psutil.process_iter(["name", "cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.pid != me.pid and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
-                                        or "ray/_private" in cmd):
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            self.peak = max(self.peak, total)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def readers() -> None:

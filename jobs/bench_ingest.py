@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,8 +32,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import psutil  # noqa: E402
 
+from rss import RssSampler  # noqa: E402  (jobs/rss.py)
 from vdistill.config import DemoConfig, load_config  # noqa: E402
 from vdistill.data.decode import DecodeSpec, decode_uri  # noqa: E402
 from vdistill.data.footage import write_footage_dataset  # noqa: E402
@@ -65,39 +64,6 @@ class Result:
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.best
-
-
-class RssSampler:
-    """Peak of (driver RSS + RSS of this driver's Ray worker processes), sampled every 0.1 s in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
-            try:
-                if child.name().startswith("ray::"):
-                    total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, self._sample())
-
-    def __enter__(self) -> "RssSampler":
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _cfg(root: str, csv_uri: str, cache: str):
