@@ -7,7 +7,8 @@ networks on every training set and prints top-1 mean ± std with each set's stor
 the pipeline with other settings in the same run folder: only the stages whose inputs changed run
 again, so the ingest and the experts are shared.
 
-    python jobs/bench_quality.py                       # footage, 16 classes, the defaults
+    python jobs/bench_quality.py                       # footage (playback motions), 16 classes, the defaults
+    python jobs/bench_quality.py --motion camera --classes 12   # another real-footage set (vdistill.data.footage)
     python jobs/bench_quality.py --kind procedural
     python jobs/bench_quality.py --rows base,ablations --set evaluate.epochs=300
 """
@@ -92,8 +93,9 @@ GROUPS = {"base": BASE_ROWS, "ablations": ABLATION_ROWS, "full": [FULL_ROW]}
 def base_config(args: argparse.Namespace, overrides: tuple[str, ...]) -> Config:
     """One run folder for every variant: the demo data, cache and experts are made once."""
     return load_config(None, [
-        f"demo.kind={args.kind}", f"demo.classes={args.classes}", f"demo.train_per_class={args.train_per_class}",
-        f"demo.test_per_class={args.test_per_class}", f"run.root={args.root}", f"run.name=bench-{args.kind}",
+        f"demo.kind={args.kind}", f"demo.motion={args.motion}", f"demo.classes={args.classes}",
+        f"demo.train_per_class={args.train_per_class}", f"demo.test_per_class={args.test_per_class}",
+        f"run.root={args.root}", f"run.name=bench-{args.kind}-{args.motion}-{args.classes}",
         "tracking.enabled=false", "baselines.pixel_methods=[dm,mtt]", "baselines.s2d_methods=[dm]",
         f"evaluate.num_eval={args.num_eval}", *args.set, *overrides])
 
@@ -121,6 +123,8 @@ def training_set(cfg: Config, storage: Storage, row: Row, outputs: dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["footage", "procedural"], default="footage")
+    parser.add_argument("--motion", choices=["playback", "camera", "rotation"], default="playback",
+                        help="footage: what tells the classes apart")
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=30)
     parser.add_argument("--test-per-class", type=int, default=10)
@@ -147,11 +151,15 @@ def main() -> None:
                                lr=getattr(source, "syn_lr", None) if row_cfg.evaluate.use_learned_lr else None)
         s = summary["models"][row_cfg.evaluate.models[0]]
         cell = "failed" if s["failed"] else f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}"
-        results.append((row.label, f"{mb:.2f}", cell))
-        print(f"{row.label}: {cell} top-1 %, {mb:.2f} MB ({time.time() - start:.0f} s)", flush=True)
+        v = outputs.get(row.stage, {}).get("validation") or {}
+        kept = (f"{100 * v['initial']:.1f} -> {100 * v['best']:.1f} (it {v['best_iteration']}, "
+                f"{len(v['backoffs'])} back-offs)" if v.get("initial") is not None else "")
+        results.append((row.label, f"{mb:.2f}", cell, kept))
+        print(f"{row.label}: {cell} top-1 %, {mb:.2f} MB, validation {kept or '-'} ({time.time() - start:.0f} s)",
+              flush=True)
 
     ev, train = cfg.evaluate, cfg.train
-    print(f"\n{args.kind} set: {args.classes} classes, {args.train_per_class} train / {args.test_per_class} test clips "
+    print(f"\n{args.kind} set ({args.motion}): {args.classes} classes, {args.train_per_class} train / {args.test_per_class} test clips "
           f"per class, {cfg.decode.frames} frames at {cfg.decode.size}x{cfg.decode.size}; chance "
           f"{100 / args.classes:.2f}%")
     print(f"protocol: {args.num_eval} fresh ConvNet3D (width {cfg.model.width}) per row, {ev.epochs} epochs (full set "
@@ -159,10 +167,10 @@ def main() -> None:
           f"{ev.batch_size}, standardize={train.standardize}, augment={train.augment}, learned lr="
           f"{ev.use_learned_lr}; top-1 after the last epoch, mean ± population std\n")
     width = max(len(r[0]) for r in results)
-    print(f"{'method':{width}} | storage MB | top-1 %")
-    print(f"{'-' * width}-+------------+--------")
-    for label, mb, cell in results:
-        print(f"{label:{width}} | {mb:>10} | {cell}")
+    print(f"{'method':{width}} | storage MB | top-1 %     | validation top-1 %: start -> kept")
+    print(f"{'-' * width}-+------------+-------------+-----------------------------------")
+    for label, mb, cell, kept in results:
+        print(f"{label:{width}} | {mb:>10} | {cell:<11} | {kept}")
 
 
 if __name__ == "__main__":

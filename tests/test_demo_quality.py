@@ -1,5 +1,5 @@
-"""The product's promise at demo scale: at one video per class, S2D beats random real clips at no more storage,
-on real camera footage, with the defaults.
+"""The product's promise at demo scale: at one video per class, the S2D set a run ships beats random real clips at
+no more storage, on real camera footage, with the defaults.
 
 Only the footage set is asserted: with the defaults tuned on real footage, S2D no longer beats random real
 clips on the procedural shapes (README, Results), and a default that only wins on generated shapes was the
@@ -23,10 +23,10 @@ def test_s2d_beats_random_real_clips_on_real_footage_at_one_video_per_class(ray_
     cfg = point_at_demo_data(load_config(None, [
         *FOOTAGE, f"run.root={tmp_path}", "tracking.enabled=false", "baselines.pixel_methods=[]",
         "baselines.coresets=[random]", "baselines.full=false", "evaluate.num_eval=5"]))
-    run_pipeline(cfg, demo=True)
+    outputs = run_pipeline(cfg, demo=True)
     rows = {row["method"]: row for row in Storage().read_json(join(cfg.run_uri, "evaluate", "results.json"))}
     top1 = {name: row["models"]["convnet3d"]["top1_mean"] for name, row in rows.items()}
-    best = max(("MTT+S2D", "DM+S2D"), key=top1.get)
-    assert rows[best]["storage_mb"] <= rows["random"]["storage_mb"]
-    assert len(rows[best]["models"]["convnet3d"]["runs"]) == 5
-    assert top1[best] > top1["random"], top1
+    shipped = f"{outputs['export']['method'].upper()}+S2D"  # the set the run chose on validation, not on test
+    assert rows[shipped]["storage_mb"] <= rows["random"]["storage_mb"]
+    assert len(rows[shipped]["models"]["convnet3d"]["runs"]) == 5
+    assert top1[shipped] > top1["random"], top1

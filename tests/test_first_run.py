@@ -14,7 +14,8 @@ import pytest
 
 SMALL = ["demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "experts.num_experts=2",
          "static.iterations=3", "dynamic.iterations=3", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2",
-         "baselines.pixel_iterations=2", "baselines.full_epochs=2", "evaluate.epochs=3", "evaluate.num_eval=2"]
+         "baselines.pixel_iterations=2", "baselines.full_epochs=2", "evaluate.epochs=3", "evaluate.num_eval=2",
+         "validation.epochs=5", "baselines.s2d_overrides={dm: {iterations: 3}}"]
 
 
 def _vdistill(args: list[str], cwd: str) -> subprocess.CompletedProcess:

@@ -49,7 +49,8 @@ def test_footage_demo_with_the_defaults_trains_finite_experts_above_chance_and_f
         "demo.kind=footage", f"demo.classes={classes}", "demo.train_per_class=30", "demo.test_per_class=8",
         f"run.root={tmp_path}", "run.name=footage", "tracking.enabled=false", "experts.num_experts=2",
         "static.iterations=5", "dynamic.iterations=5", "baselines.pixel_methods=[]", "baselines.coresets=[random]",
-        "baselines.full=false", "evaluate.epochs=20", "evaluate.num_eval=2"]))
+        "baselines.full=false", "evaluate.epochs=20", "evaluate.num_eval=2", "validation.epochs=5",
+        "baselines.s2d_overrides={dm: {iterations: 5}}"]))
     outputs = run_pipeline(cfg, demo=True)
     storage = Storage()
     uris = list_trajectories(storage, cfg.run_uri, "video")

@@ -25,7 +25,7 @@ TINY = [
     "experts.num_workers=1", "experts.batch_size=8", "static.iterations=2", "dynamic.method=dm",
     "dynamic.iterations=3", "dynamic.batch_real=4", "dynamic.max_start_epoch=1", "baselines.pixel_methods=[]",
     "baselines.coresets=[random]", "baselines.full=false", "evaluate.epochs=2", "evaluate.num_eval=1",
-    "model.width_2d=8", "model.depth_2d=2",
+    "model.width_2d=8", "model.depth_2d=2", "validation.epochs=5",
 ]
 
 

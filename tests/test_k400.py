@@ -48,7 +48,7 @@ CPU_SIZED = [
     "experts.num_experts=2", "experts.num_workers=1", "experts.gpus_per_worker=0",
     "static.iterations=2", "dynamic.iterations=2", "dynamic.max_start_epoch=1",
     "evaluate.epochs=2", "evaluate.num_eval=1", "evaluate.gpus_per_task=0",
-    "run.coordinator_gpus=0",
+    "run.coordinator_gpus=0", "validation.epochs=5",
 ]
 PRESETS = REPO / "configs"
 

@@ -18,7 +18,7 @@ TINY = [
     "dynamic.method=mtt", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2", "dynamic.checkpoint_every=5",
     "baselines.pixel_iterations=2", "baselines.pixel_methods=[dm]", "baselines.coresets=[random]",
     "evaluate.epochs=2", "evaluate.num_eval=2", "baselines.full=false", "run.coordinator_cpus=1", "dynamic.eval_every=100",
-    "dynamic.lr_dynamic=100",  # 300 MTT iterations on 24 clips: well inside the stable range
+    "validation.epochs=5", "validation.every=50",
 ]
 STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
 
@@ -53,6 +53,8 @@ def test_killed_coordinator_resumes_the_dynamic_stage_from_its_checkpoint(interr
     resumed = outputs["dynamic-mtt"]["resumed_from"]
     assert resumed >= cfg.dynamic.checkpoint_every
     assert resumed < cfg.dynamic.iterations
+    scores = outputs["dynamic-mtt"]["validation"]["scores"]
+    assert scores[0][0] == 0 < resumed  # the validation record, best iterate included, came with the checkpoint
 
 
 def test_evaluations_during_distillation_are_collected(interrupted_run):

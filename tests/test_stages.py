@@ -55,16 +55,17 @@ def video_experts(num_experts: int = 3):
 
 
 def dyn_cfg(**kw) -> DynamicConfig:
-    base = dict(iterations=6, batch_real=4, syn_steps=2, max_start_epoch=2, expert_epochs=1, lr_dynamic=1.0,
-                lr_integrator=1e-2, lr_lr=1e-3, checkpoint_every=100)
+    base = dict(iterations=6, batch_real=4, syn_steps=2, max_start_epoch=2, expert_epochs=1, optimizer="sgd",
+                lr_dynamic=1.0, lr_integrator=1e-2, lr_lr=1e-3, checkpoint_every=100)
     return DynamicConfig(**{**base, **kw})
 
 
 def run_dynamic(method: str, synset: S2DSet, sample_real, cfg: DynamicConfig, seed: int = 0, **kwargs) -> S2DSet:
     """The dynamic stage's loop: `cfg` as the `method`'s settings."""
     recipe = Recipe.dynamic(cfg.model_copy(update={"method": method}))
-    return distill(synset, recipe, sample_real, torch.Generator().manual_seed(seed), "cpu", num_classes=C,
-                   model_cfg=MODEL, **kwargs)
+    distill(synset, recipe, sample_real, torch.Generator().manual_seed(seed), "cpu", num_classes=C, model_cfg=MODEL,
+            **kwargs)
+    return synset
 
 
 def test_expert_cursor_visits_every_expert_once_per_pass_in_a_fresh_order():
@@ -83,17 +84,17 @@ def test_mtt_dynamic_stage_uses_every_expert_across_iterations():
     assert sorted(per_iteration[:3]) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("method", ["dm", "mtt"])
-def test_dynamic_stage_resumed_from_a_checkpoint_matches_a_straight_run(method):
+def test_dynamic_stage_resumed_from_a_checkpoint_matches_a_straight_run(method, optimizer):
     snapshot, _ = video_experts(2)
     kwargs = dict(snapshot=snapshot, expert_ids=[0, 1])
-    straight = run_dynamic(method, s2d_set(), class_sampler(), dyn_cfg(iterations=6), 5, **kwargs)
+    cfg = dyn_cfg(iterations=6, checkpoint_every=3, optimizer=optimizer,
+                  **({"lr_dynamic": 0.05, "lr_integrator": 1e-3} if optimizer == "adam" else {}))
     saved: list[dict] = []
-    run_dynamic(method, s2d_set(), class_sampler(), dyn_cfg(iterations=3, checkpoint_every=3), 5,
-                on_checkpoint=saved.append, **kwargs)
-    assert [s["iteration"] for s in saved] == [3]
-    resumed = run_dynamic(method, s2d_set(seed=99), class_sampler(), dyn_cfg(iterations=6), 5, state=saved[0],
-                          **kwargs)
+    straight = run_dynamic(method, s2d_set(), class_sampler(), cfg, 5, on_checkpoint=saved.append, **kwargs)
+    assert [s["iteration"] for s in saved] == [3, 6]
+    resumed = run_dynamic(method, s2d_set(seed=99), class_sampler(), cfg, 5, state=saved[0], **kwargs)
     for name, tensor in straight.state_tensors().items():
         assert torch.equal(tensor, resumed.state_tensors()[name]), name
 
@@ -192,7 +193,9 @@ def test_pixel_baseline_updates_pixels_with_momentum_half(method):
     pixels = PixelSet.from_real(class_sampler(), C, 1, torch.Generator().manual_seed(0))
     before = pixels.videos.detach().clone()
     saved: list[dict] = []
-    recipe = Recipe.pixels(method, BaselinesConfig(pixel_iterations=2), dyn_cfg(method=method, checkpoint_every=2))
+    recipe = Recipe.pixels(method, BaselinesConfig(pixel_iterations=2, pixel_optimizer="sgd", pixel_lr_dm=1.0,
+                                                   pixel_lr_mtt=100.0),
+                           dyn_cfg(method=method, checkpoint_every=2))
     distill(pixels, recipe, class_sampler(), torch.Generator().manual_seed(0), "cpu", num_classes=C, model_cfg=MODEL,
             snapshot=snapshot, expert_ids=[0], on_checkpoint=saved.append)
     assert not torch.equal(pixels.videos, before)

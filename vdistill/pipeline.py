@@ -51,7 +51,7 @@ def plan(cfg: Config, *, demo: bool = False) -> list[Stage]:
                  + [(f"{m.upper()}+S2D", s) for m, s in s2d.items()])
     results = evaluate.stage(cfg, cache, distilled, video_experts)
     stages = [data, cache, video_experts, frame_experts, stills, *s2d.values(), *baselines.values(), results,
-              export.stage(results, s2d[cfg.dynamic.method])]
+              export.stage(cfg, results, s2d)]
     return [s for s in stages if s is not None]
 
 

@@ -15,8 +15,10 @@ from pydantic import BaseModel
 
 from vdistill.checkpoint import load_state, save_state
 from vdistill.config import Config
-from vdistill.data.clips import ClassSampler
+from vdistill.data.clips import ClassSampler, read_manifest
 from vdistill.data.stream import SplitStream
+from vdistill.distill.loop import Validate, ValidationRecord
+from vdistill.evaluate import validation_scorer
 from vdistill.lease import Owner
 from vdistill.storage import Storage, join
 from vdistill.tracking import Tracker
@@ -56,6 +58,16 @@ def fields(section: BaseModel, *names: str, prefix: str) -> dict[str, Any]:
     return {f"{prefix}.{name}": getattr(section, name) for name in names}
 
 
+# What scoring a set on the validation split reads of the evaluation protocol (its epochs are validation.epochs, so
+# changing evaluate.epochs still re-runs only the evaluation).
+_PROTOCOL = ("lr", "momentum", "weight_decay", "batch_size", "use_learned_lr", "models")
+
+
+def validation_reads(cfg: Config) -> dict[str, Any]:
+    """The config a distillation stage's validation guard reads: part of the stage's identity."""
+    return {"validation": cfg.validation, "train": cfg.train, **fields(cfg.evaluate, *_PROTOCOL, prefix="evaluate")}
+
+
 @dataclass
 class RunContext:
     """What a stage body gets; it never sees the runner or other stages' folders except through `output`."""
@@ -88,6 +100,25 @@ class RunContext:
         """The training split's real clips for a distillation loop, within `cache.sampler_mb`."""
         return ClassSampler(self.storage, cache_uri, self.cfg.data.train_split, memory_mb=self.cfg.cache.sampler_mb,
                             seed=self.cfg.run.seed)
+
+    def validator(self, cache_uri: str) -> Validate | None:
+        """`score(source) -> top-1` on the cache's validation split, or None when the cache has none
+        (`data.val_fraction=0`): the stage then keeps its last iterate."""
+        if self.cfg.data.val_split not in read_manifest(self.storage, cache_uri).get("splits", []):
+            return None
+        return validation_scorer(self.split(cache_uri, self.cfg.data.val_split), self.cfg)
+
+    def report_validation(self, prefix: str, record: ValidationRecord) -> dict[str, Any]:
+        """Log a loop's validation scores (MLflow, and one line when it did not beat its start); -> manifest entry."""
+        for iteration, score in record.scores:
+            self.tracker.log_metrics({f"{prefix}/val_top1": score}, step=int(iteration))
+        if record.scores and not record.improved:
+            self.log(f"[{prefix}] no iterate beat the starting set on validation ({100 * record.initial:.1f}%): the "
+                     "stage keeps its starting set")
+        elif record.scores:
+            self.log(f"[{prefix}] validation top-1 {100 * record.initial:.1f}% at iteration 0 -> "
+                     f"{100 * record.best:.1f}% at iteration {record.best_iteration} (kept)")
+        return record.to_dict()
 
     def checkpointing(self, sampler: ClassSampler) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
         """(loop state to resume from or None, callback that saves one), named by the stage's input hash; the

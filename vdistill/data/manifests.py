@@ -5,17 +5,19 @@ rows `(uri, label, split, start_s, end_s)` whose `label` indexes `classes`, a li
 Annotation rows whose video file is not found are returned in `missing` (reason "missing") so the
 ingest reports them; they are never dropped silently (METHOD.md W-21). Split names are always
 `data.train_split` / `data.test_split`; the official evaluation split (K400 `validate`, SSv2
-`validation`, UCF/HMDB `test`) becomes the test split.
+`validation`, UCF/HMDB `test`) becomes the test split, and `carve_validation` holds a stratified share of the
+training rows out as `data.val_split`.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import posixpath
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
 
 from vdistill.errors import UserError
 from vdistill.storage import PATH_COMPONENT_RULE, is_path_component, join
@@ -417,5 +419,28 @@ def build_manifest(data_cfg: Any, storage: Any) -> Manifest:
     unique = set(manifest.rows)  # a row listed twice would become two clips with one key
     if len(unique) < len(manifest.rows):
         manifest.excluded["duplicate"] = len(manifest.rows) - len(unique)
-    manifest.rows = sorted(unique, key=lambda r: (r.split, r.label, r.uri, r.start_s or 0.0))
+    manifest.rows = sorted(carve_validation(unique, data_cfg), key=lambda r: (r.split, r.label, r.uri, r.start_s or 0.0))
     return manifest
+
+
+def carve_validation(rows: Iterable[VideoRow], data_cfg: Any) -> list[VideoRow]:
+    """Move `data.val_fraction` of each class's training rows (at most `data.val_max_per_class`, never its last
+    one) to `data.val_split`: the held-out clips on which a distillation stage picks its best iterate.
+
+    Which rows move is a hash of each row's location and span, so the split is stratified, independent of the
+    order the annotations list the rows, and the same at every re-run; the test split is never touched.
+    """
+    rows = list(rows)
+    by_class: dict[int, list[VideoRow]] = {}
+    for row in rows:
+        if row.split == data_cfg.train_split:
+            by_class.setdefault(row.label, []).append(row)
+    held: set[VideoRow] = set()
+    for members in by_class.values():
+        k = min(data_cfg.val_max_per_class, len(members) - 1, round(len(members) * data_cfg.val_fraction))
+        held.update(sorted(members, key=_row_digest)[:max(k, 0)])
+    return [replace(r, split=data_cfg.val_split) if r in held else r for r in rows]
+
+
+def _row_digest(row: VideoRow) -> str:
+    return hashlib.sha256(f"{row.uri}|{row.start_s}|{row.end_s}".encode()).hexdigest()

@@ -10,6 +10,8 @@ indices it draws.
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig
+from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig, ValidationConfig
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import MTT_MODES, dc_class_loss, dm_loss, mtt_plan, random_network
 from vdistill.distill.synset import RealSampler, S2DSet, draw_seed, random_real_frames
@@ -139,9 +141,9 @@ def _check_trajectory(expert: int, start_epoch: int, target_epoch: int, start: t
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one loop optimises its set: the method, an SGD learning rate per parameter group of the set (with the
-    config key that sets it, named when the loop diverges), the schedule, and the MTT section when the method
-    matches trajectories."""
+    """How one loop optimises its set: the method, the update rule and a step size per parameter group of the set
+    (with the config key that sets it, named when the loop diverges or backs off), the schedule, the MTT section
+    when the method matches trajectories, and the validation settings that guard the loop."""
 
     name: str  # "dynamic stage (dm)": how errors and logs name the loop
     method: str  # "dm", "dc" (still images only) or "mtt"
@@ -154,20 +156,24 @@ class Recipe:
     frames_only: bool = False  # the static stage matches single frames of the real clips
     mtt: DynamicConfig | None = None  # syn_steps, expert_epochs, max_start_epoch, batch_syn, mtt_mode, lr_lr, ...
     syn_lr_momentum: float = 0.9  # METHOD.md 5.1 (S2D); 0.5 for the pixel baseline (7)
+    optimizer: str = "sgd"  # "adam": scale-free steps, cosine-decayed (METHOD.md 5.1a); "sgd": the paper's, constant
+    validation: ValidationConfig | None = None  # scoring period and instability back-off (METHOD.md 5.9)
 
     @classmethod
-    def static(cls, static: StaticConfig, dynamic: DynamicConfig) -> "Recipe":
-        """Stage 1 (METHOD.md 4): SGD(`static.lr`, `static.momentum`) on the images; MTT reads `dynamic`'s
-        trajectory settings, checkpoints follow `dynamic.checkpoint_every`."""
+    def static(cls, static: StaticConfig, dynamic: DynamicConfig,
+               validation: ValidationConfig | None = None) -> "Recipe":
+        """Stage 1 (METHOD.md 4): `static.optimizer` on the images; MTT reads `dynamic`'s trajectory settings,
+        checkpoints follow `dynamic.checkpoint_every`."""
         if static.method not in ("dm", "dc", "mtt"):
             raise ValueError(f"static.method must be 'dm', 'dc' or 'mtt' (got {static.method!r})")
         return cls(f"static stage ({static.method})", static.method, {"pixels": (static.lr, "static.lr")},
                    static.momentum, static.iterations, static.batch_real, dynamic.checkpoint_every,
-                   frames_only=True, mtt=dynamic if static.method == "mtt" else None)
+                   frames_only=True, mtt=dynamic if static.method == "mtt" else None, optimizer=static.optimizer,
+                   validation=validation)
 
     @classmethod
-    def dynamic(cls, dynamic: DynamicConfig) -> "Recipe":
-        """Stage 2 (METHOD.md 5.1): SGD(`dynamic.momentum`) on the dynamic memory, the integrator and, with
+    def dynamic(cls, dynamic: DynamicConfig, validation: ValidationConfig | None = None) -> "Recipe":
+        """Stage 2 (METHOD.md 5.1): `dynamic.optimizer` on the dynamic memory, the integrator and, with
         `train_static`, the static memory."""
         lrs = {"dynamic": (dynamic.lr_dynamic, "dynamic.lr_dynamic"),
                "integrator": (dynamic.lr_integrator, "dynamic.lr_integrator")}
@@ -175,18 +181,22 @@ class Recipe:
             lrs["static"] = (dynamic.lr_static, "dynamic.lr_static")
         return cls(f"dynamic stage ({dynamic.method})", dynamic.method, lrs, dynamic.momentum, dynamic.iterations,
                    dynamic.batch_real, dynamic.checkpoint_every, dynamic.eval_every,
-                   mtt=dynamic if dynamic.method == "mtt" else None)
+                   mtt=dynamic if dynamic.method == "mtt" else None, optimizer=dynamic.optimizer,
+                   validation=validation)
 
     @classmethod
-    def pixels(cls, method: str, baselines: BaselinesConfig, dynamic: DynamicConfig) -> "Recipe":
-        """DM / MTT on raw pixels (METHOD.md 7): SGD(momentum 0.5) on the videos, MTT's lr with momentum 0.5;
-        `dynamic` supplies batch_real, the MTT knobs and the checkpoint / evaluation periods."""
+    def pixels(cls, method: str, baselines: BaselinesConfig, dynamic: DynamicConfig,
+               validation: ValidationConfig | None = None) -> "Recipe":
+        """DM / MTT on raw pixels (METHOD.md 7): `baselines.pixel_optimizer` on the videos (sgd: momentum 0.5),
+        MTT's lr with momentum 0.5; `dynamic` supplies batch_real, the MTT knobs and the checkpoint / evaluation
+        periods."""
         if method not in ("dm", "mtt"):
             raise ValueError(f"baselines.pixel_methods entries must be 'dm' or 'mtt' (got {method!r})")
         key = f"baselines.pixel_lr_{method}"
         return cls(f"pixel baseline ({method})", method, {"pixels": (getattr(baselines, f"pixel_lr_{method}"), key)},
                    0.5, baselines.pixel_iterations, dynamic.batch_real, dynamic.checkpoint_every, dynamic.eval_every,
-                   mtt=dynamic if method == "mtt" else None, syn_lr_momentum=0.5)
+                   mtt=dynamic if method == "mtt" else None, syn_lr_momentum=0.5, optimizer=baselines.pixel_optimizer,
+                   validation=validation)
 
     @property
     def learns_lr(self) -> bool:
@@ -195,6 +205,14 @@ class Recipe:
     def lr_keys(self) -> str:
         keys = [key for _, key in self.lrs.values()] + (["dynamic.lr_lr"] if self.learns_lr else [])
         return " or ".join(keys)
+
+    def step_size(self, group: str, iteration: int, scale: float) -> float:
+        """The lr of `group` at `iteration`: adam decays it on a cosine to 0 over the loop, sgd keeps it; `scale`
+        is what instability back-offs left of it."""
+        base = self.lrs[group][0] * scale
+        if self.optimizer == "sgd":
+            return base
+        return base * 0.5 * (1.0 + math.cos(math.pi * iteration / max(self.iterations, 1)))
 
 
 def _network(synset: SyntheticSet, num_classes: int, model_cfg: ModelConfig | None) -> Callable[[], nn.Module]:
@@ -229,72 +247,199 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
     return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, dtype, device)
 
 
+# `validate(source) -> top-1` of a frozen snapshot of the set on the validation split (the same network seeds at
+# every call, so two iterates are compared on equal terms).
+Validate = Callable[[Callable], float]
+
+
+@dataclass
+class ValidationRecord:
+    """What the validation guard knows of a loop: its score at the start, the best iterate (exported), every
+    score and every back-off. Travels in the checkpoint, so a resumed loop keeps the best iterate found so far."""
+
+    initial: float | None = None
+    best: float | None = None
+    best_iteration: int = 0
+    scores: list[list[float]] = field(default_factory=list)  # [iteration, top-1]
+    backoffs: list[dict[str, Any]] = field(default_factory=list)  # {"iteration", "reason", "reloaded", "scale"}
+    lr_scale: float = 1.0
+    stopped_early: str = ""  # why the loop ended before its last iteration (instability it could not back off)
+
+    @property
+    def improved(self) -> bool:
+        return self.best is not None and self.initial is not None and self.best > self.initial
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial, "best": self.best, "best_iteration": self.best_iteration,
+                "scores": [list(s) for s in self.scores], "backoffs": [dict(b) for b in self.backoffs],
+                "lr_scale": self.lr_scale,
+                "stopped_early": self.stopped_early, "improved": self.improved}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ValidationRecord":
+        return cls(d["initial"], d["best"], d["best_iteration"], [list(x) for x in d["scores"]],
+                   list(d["backoffs"]), d["lr_scale"], d["stopped_early"])
+
+
+class _Instability:
+    """The back-off rule (METHOD.md 5.9): the median loss of the last `window` iterations above the median of the
+    first `window` since the loop (re)started, or a learned lr at its floor for `window` iterations in a row."""
+
+    RISE = 1.05  # a rise of 5% over a window's median is not noise for either objective
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.pinned = 0
+
+    def observe(self, loss: float, lr_pinned: bool) -> str:
+        """'' while stable, else why not."""
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.recent = (self.recent + [loss])[-self.window:]
+        self.pinned = self.pinned + 1 if lr_pinned else 0
+        if self.pinned >= self.window:
+            return f"the learned lr sat at its floor (dynamic.min_syn_lr) for {self.pinned} iterations"
+        if len(self.first) == self.window and len(self.recent) == self.window:
+            start, now = statistics.median(self.first), statistics.median(self.recent)
+            if now > self.RISE * start:
+                return f"the matching loss rose from {start:.4g} to {now:.4g} (medians of {self.window} iterations)"
+        return ""
+
+
+def _optimizers(synset: SyntheticSet, recipe: Recipe, iteration: int, scale: float) -> dict[str, torch.optim.Optimizer]:
+    """Fresh optimisers for the set's parameter groups (and the learned lr), at the schedule's step sizes."""
+    def make(group: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        lr = recipe.step_size(group, iteration, scale)
+        if recipe.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum)
+
+    optimizers = {group: make(group, params) for group, params in synset.trainable().items()}
+    if recipe.learns_lr:
+        optimizers["syn_lr"] = torch.optim.SGD([synset.syn_lr], lr=recipe.mtt.lr_lr * scale,
+                                               momentum=recipe.syn_lr_momentum)
+    return optimizers
+
+
 def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, generator: torch.Generator,
             device: torch.device | str, *, num_classes: int, model_cfg: ModelConfig | None = None,
             snapshot: SnapshotReader | None = None, expert_ids: Sequence[int] = (), state: dict | None = None,
             on_checkpoint: OnCheckpoint | None = None, on_metrics: OnMetrics | None = None,
-            on_eval: OnEval | None = None) -> SyntheticSet:
+            on_eval: OnEval | None = None, validate: Validate | None = None,
+            log: Callable[[str], None] = print) -> ValidationRecord:
     """Optimise `synset` in place by `recipe`; resumes from `state` (a checkpoint handed to `on_checkpoint`).
 
     Per iteration: zero grads, the objective's loss (DM / DC: a fresh random network, every synthetic item vs a
     real batch per class; MTT: the next expert, a random start epoch, `syn_steps` student steps), step, clamp the
     learned lr to `>= min_syn_lr`, report. `on_eval(n, source)` fires after every `eval_every` completed
-    iterations and after the last one, before that iteration's checkpoint. A non-finite loss or synthetic tensor
-    stops the loop with `Diverged` naming the loop, the iteration and the config keys to lower, before anything
-    non-finite can be checkpointed or exported.
+    iterations and after the last one, before that iteration's checkpoint.
+
+    With `validate` and `recipe.validation`, the set is scored at iteration 0, every `validation.every`
+    iterations and after the last, and the loop ends holding its BEST iterate, which may be its start; an
+    unstable loop (`_Instability`, or a non-finite loss or set) reloads the best iterate with smaller steps, at
+    most `validation.backoffs` times, then stops. Without them, a non-finite loss or synthetic tensor stops the
+    loop with `Diverged` naming the loop, the iteration and the config keys to lower, before anything non-finite
+    can be checkpointed or exported. Returns the validation record (empty without validation).
     """
     device = torch.device(device)
-    optimizers: dict[str, torch.optim.Optimizer] = {
-        group: torch.optim.SGD(params, lr=recipe.lrs[group][0], momentum=recipe.momentum)
-        for group, params in synset.trainable().items()}
+    guard = recipe.validation if validate is not None else None
     if recipe.mtt is not None:
         synset.syn_lr.requires_grad_(recipe.mtt.train_lr)
-        if recipe.mtt.train_lr:
-            optimizers["syn_lr"] = torch.optim.SGD([synset.syn_lr], lr=recipe.mtt.lr_lr,
-                                                   momentum=recipe.syn_lr_momentum)
     loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), snapshot, device)
     cursor = ExpertCursor(list(expert_ids))
-    start = 0
+    record, best_tensors, start = ValidationRecord(), synset.state_tensors(), 0
+    optimizers = _optimizers(synset, recipe, 0, 1.0)
     if state is not None:
         synset.load_state_tensors(state["tensors"])
+        if "validation" in state:
+            record, best_tensors = ValidationRecord.from_dict(state["validation"]), state["best_tensors"]
+        optimizers = _optimizers(synset, recipe, state["iteration"], record.lr_scale)
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         generator.set_state(state["generator"])
         cursor.order, cursor.position = list(state["cursor"]["order"]), state["cursor"]["position"]
         start = state["iteration"]
 
-    def checkpoint(iteration: int) -> dict[str, Any]:
-        return {"iteration": iteration, "tensors": synset.state_tensors(),
-                "optimizers": {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()},
-                "generator": generator.get_state(), "cursor": cursor.state()}
+    def score(iteration: int) -> None:
+        nonlocal best_tensors
+        value = validate(synset.source())
+        record.scores.append([iteration, value])
+        if record.initial is None:
+            record.initial = value
+        if record.best is None or value > record.best:
+            record.best, record.best_iteration, best_tensors = value, iteration, synset.state_tensors()
 
+    def checkpoint(iteration: int) -> dict[str, Any]:
+        out = {"iteration": iteration, "tensors": synset.state_tensors(),
+               "optimizers": {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()},
+               "generator": generator.get_state(), "cursor": cursor.state()}
+        if guard is not None:
+            out.update(validation=record.to_dict(), best_tensors=best_tensors)
+        return out
+
+    def back_off(it: int, reason: str) -> bool:
+        """Reload the best iterate with smaller steps; False once the back-offs are spent."""
+        nonlocal optimizers, watch
+        if len(record.backoffs) >= guard.backoffs:
+            record.stopped_early = f"{reason} at iteration {it} after {len(record.backoffs)} back-off(s)"
+            log(f"[{recipe.name}] {record.stopped_early}: stopping; the set is its best iterate ({record.best_iteration})"
+                f". Lower {recipe.lr_keys()}")
+            return False
+        record.lr_scale *= guard.backoff_factor
+        record.backoffs.append({"iteration": it, "reason": reason, "reloaded": record.best_iteration,
+                                "scale": record.lr_scale})
+        synset.load_state_tensors(best_tensors)
+        optimizers, watch = _optimizers(synset, recipe, it, record.lr_scale), _Instability(guard.window)
+        log(f"[{recipe.name}] back-off {len(record.backoffs)}/{guard.backoffs} at iteration {it}: {reason}; reloaded "
+            f"iteration {record.best_iteration}, steps x{record.lr_scale:.3g}. To make it permanent lower "
+            f"{recipe.lr_keys()}")
+        return True
+
+    if guard is not None and not record.scores:
+        score(start)
+    watch = _Instability(guard.window) if guard is not None else None
     for it in range(start, recipe.iterations):
         tic = time.perf_counter()
-        for opt in optimizers.values():
+        for group, opt in optimizers.items():
+            for param_group in opt.param_groups:
+                if group != "syn_lr":
+                    param_group["lr"] = recipe.step_size(group, it, record.lr_scale)
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(generator, cursor)
-        if not torch.isfinite(loss):
-            raise Diverged(f"{recipe.name}: the distillation loss became {loss.item()} at iteration {it}; "
-                           f"lower {recipe.lr_keys()}")
-        for opt in optimizers.values():
-            opt.step()
-        if not all(bool(torch.isfinite(t).all()) for t in synset.leaves()):
-            raise Diverged(f"{recipe.name}: the synthetic set became non-finite at iteration {it} (loss "
-                           f"{loss.item():.4g}); lower {recipe.lr_keys()}")
-        if recipe.learns_lr:
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            for opt in optimizers.values():
+                opt.step()
+        broken = "" if finite else f"the distillation loss became {loss.item()}"
+        if finite and not all(bool(torch.isfinite(t).all()) for t in synset.leaves()):
+            broken = f"the synthetic set became non-finite (loss {loss.item():.4g})"
+        if broken and guard is None:
+            raise Diverged(f"{recipe.name}: {broken} at iteration {it}; lower {recipe.lr_keys()}")
+        if recipe.learns_lr and not broken:
             with torch.no_grad():
                 synset.syn_lr.clamp_(min=recipe.mtt.min_syn_lr)
         if on_metrics is not None:
             on_metrics(it, {"loss": float(loss), "syn_lr": float(synset.syn_lr.detach()),
                             "seconds": time.perf_counter() - tic})
+        if watch is not None:
+            pinned = recipe.learns_lr and float(synset.syn_lr) <= recipe.mtt.min_syn_lr
+            reason = broken or watch.observe(float(loss), pinned)
+            if reason and not back_off(it + 1, reason):
+                break
         done = it + 1
+        if guard is not None and (done == recipe.iterations or (guard.every and done % guard.every == 0)):
+            score(done)
         if on_eval is not None and (done == recipe.iterations or (recipe.eval_every and done % recipe.eval_every == 0)):
             on_eval(done, synset.source())
         if on_checkpoint is not None and (done == recipe.iterations or done % recipe.checkpoint_every == 0):
             on_checkpoint(checkpoint(done))
     if on_eval is not None and start == recipe.iterations == 0:
         on_eval(0, synset.source())
-    return synset
+    if guard is not None:
+        synset.load_state_tensors(best_tensors)  # the loop hands back its best iterate
+    return record
 
 
-__all__ = ["Diverged", "ExpertCursor", "Recipe", "SnapshotReader", "distill"]
+__all__ = ["Diverged", "ExpertCursor", "Recipe", "SnapshotReader", "Validate", "ValidationRecord", "distill"]

@@ -11,7 +11,7 @@ from vdistill.distill.loop import Recipe, distill
 from vdistill.distill.synset import S2DSet, SlotLayout
 from vdistill.evaluate import PendingEvaluation, launch_evaluation
 from vdistill.export import export_s2d
-from vdistill.stage import RunContext, Stage
+from vdistill.stage import RunContext, Stage, validation_reads
 from vdistill.stages.experts import snapshot_reader
 
 SET_FOLDER = "set"
@@ -19,7 +19,8 @@ SET_FOLDER = "set"
 
 def stage(cfg: Config, method: str, ingest: Stage, static: Stage, video_experts: Stage | None) -> Stage:
     settings = cfg.dynamic_for(method)
-    reads: dict[str, Any] = {"model": cfg.model, "dynamic": settings, "cache.sampler_mb": cfg.cache.sampler_mb}
+    reads: dict[str, Any] = {"model": cfg.model, "dynamic": settings, "cache.sampler_mb": cfg.cache.sampler_mb,
+                             **validation_reads(cfg)}
     if settings.eval_every:  # evaluations during distillation are part of the outputs
         reads.update(train=cfg.train, evaluate=cfg.evaluate)
     upstream = (ingest, static) + ((video_experts,) if method == "mtt" else ())
@@ -45,7 +46,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
     static_memory = ctx.storage.read_tensors(ctx.output(static)["static_memory"])["static_memory"]
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
                             if method == "mtt" else (None, []))
-    recipe = Recipe.dynamic(settings)
+    recipe = Recipe.dynamic(settings, cfg.validation)
     pending: list[tuple[int, PendingEvaluation]] = []
 
     def on_eval(iteration: int, source: Any) -> None:  # evaluations run as Ray tasks, collected at the end
@@ -60,11 +61,11 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                                dynamic_init=settings.init, sample_real=sampler.sample)
         state, save = ctx.checkpointing(sampler)
         resumed_from = state["iteration"] if state else 0
-        distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
-                num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids,
-                state=state, on_checkpoint=save,
-                on_metrics=ctx.progress(f"dynamic-{method}", recipe.iterations, resumed_from),
-                on_eval=on_eval if settings.eval_every else None)
+        record = distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
+                         num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot,
+                         expert_ids=expert_ids, state=state, on_checkpoint=save,
+                         on_metrics=ctx.progress(f"dynamic-{method}", recipe.iterations, resumed_from),
+                         on_eval=on_eval if settings.eval_every else None, validate=ctx.validator(cache), log=ctx.log)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
     t = synset.state_tensors()
     uri = ctx.uri(SET_FOLDER)
@@ -72,8 +73,9 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                       integrator_state=synset.integrator.state_dict(), vpc=layout.vpc,
                       statics_per_slot=layout.statics_per_slot, dynamics_per_slot=layout.dynamics_per_slot,
                       classes=sampler.classes, syn_lr=learned_lr(synset, recipe), config_hash=ctx.input_hash,
-                      metrics={"best_during_distillation": best})
+                      metrics={"best_during_distillation": best, "validation": record.to_dict()})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
+            "validation": ctx.report_validation(f"dynamic-{method}", record),
             "resumed_from": resumed_from, "seconds_per_iteration": ctx.iteration_seconds()}
 
 

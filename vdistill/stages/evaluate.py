@@ -81,10 +81,12 @@ def _evaluate(ctx: RunContext, ingest: Stage, distilled: list[tuple[str, Stage]]
         epochs = cfg.baselines.full_epochs if label == "full data" else None
         jobs.append((label, vpc, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source), storage_mb=mb,
                                                    clips=clips, epochs=epochs)))
+    validation = {label: ctx.output(stage).get("validation") for label, stage in distilled}
     rows = []
     for label, vpc, job in jobs:  # all sets train concurrently; collect in table order
         result = job.result()
-        rows.append({"method": label, "vpc": vpc if vpc else "all", **result})
+        rows.append({"method": label, "vpc": vpc if vpc else "all", **result,
+                     **({"validation": validation[label]} if validation.get(label) else {})})
         key = label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
         for model, s in result["models"].items():
             if not s["failed"]:

@@ -1,4 +1,4 @@
-"""The run's deliverable: the main S2D set with its results, config and previews under `<run>/artifact`."""
+"""The run's deliverable: the best S2D set with its results, config and previews under `<run>/artifact`."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,16 +9,34 @@ from vdistill.stage import RunContext, Stage
 from vdistill.storage import join
 
 
-def stage(evaluate: Stage, main_set: Stage) -> Stage:
-    return Stage("export", "export", {}, (evaluate, main_set), lambda ctx: _export(ctx, evaluate, main_set))
+def stage(cfg: Config, evaluate: Stage, s2d: dict[str, Stage]) -> Stage:
+    """`s2d`: the S2D stage of every method run, dynamic.method first; `export.method` picks one or `auto` the
+    best on the validation split."""
+    return Stage("export", "export", {"export.method": cfg.export.method}, (evaluate, *s2d.values()),
+                 lambda ctx: _export(ctx, evaluate, s2d))
+
+
+def choose(method: str, outputs: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(method, why): the named one, or the S2D set scoring highest on validation (ties: the first listed)."""
+    if method != "auto":
+        return method, "export.method"
+    scores = {m: (out.get("validation") or {}).get("best") for m, out in outputs.items()}
+    if any(v is None for v in scores.values()):
+        first = next(iter(outputs))
+        return first, "no validation split (data.val_fraction=0): dynamic.method"
+    best = max(scores, key=lambda m: scores[m])
+    listed = ", ".join(f"{m.upper()}+S2D {100 * v:.1f}%" for m, v in scores.items())
+    return best, f"best on the validation split ({listed})"
 
 
 def artifact_uri(cfg: Config) -> str:
     return join(cfg.run_uri, "artifact")
 
 
-def _export(ctx: RunContext, evaluate: Stage, main_set: Stage) -> dict[str, Any]:
-    storage, source = ctx.storage, ctx.output(main_set)["set"]
+def _export(ctx: RunContext, evaluate: Stage, s2d: dict[str, Stage]) -> dict[str, Any]:
+    method, why = choose(ctx.cfg.export.method, {m: ctx.output(s) for m, s in s2d.items()})
+    ctx.log(f"[export] artifact = {method.upper()}+S2D: {why}")
+    storage, source = ctx.storage, ctx.output(s2d[method])["set"]
     meta = storage.read_json(join(source, "meta.json"))
     tensors = {name: storage.read_tensors(join(source, f"{name}.safetensors"))
                for name in ("static_memory", "dynamic_memory", "integrator")}
@@ -38,4 +56,5 @@ def _export(ctx: RunContext, evaluate: Stage, main_set: Stage) -> dict[str, Any]
     for name in ("meta.json", "config.json", "static_memory.safetensors", "dynamic_memory.safetensors",
                  "integrator.safetensors"):
         ctx.tracker.log_artifact(storage.read_bytes(join(uri, name)), name, "artifact")
-    return {"artifact": uri, "previews": [join(uri, n) for n in meta["previews"]], "storage": meta["storage"]}
+    return {"artifact": uri, "previews": [join(uri, n) for n in meta["previews"]], "storage": meta["storage"],
+            "method": method, "why": why}

@@ -9,9 +9,10 @@ from vdistill.config import Config
 from vdistill.data.pixels import to_uint8
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
-from vdistill.distill.synset import PixelSet, SlotLayout, init_static_memory
+from vdistill.distill.loop import Validate
+from vdistill.distill.synset import FrozenPixelSet, PixelSet, SlotLayout, init_static_memory
 from vdistill.render import image_grid
-from vdistill.stage import RunContext, Stage, fields
+from vdistill.stage import RunContext, Stage, fields, validation_reads
 from vdistill.stages.experts import snapshot_reader
 
 # What the static stage reads from `dynamic`: the slot layout (how many stills per class) and the checkpoint
@@ -22,7 +23,7 @@ MTT = ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "mtt_mode",
 
 def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
     reads = {"model": cfg.model, "static": cfg.static, "cache.sampler_mb": cfg.cache.sampler_mb,
-             **fields(cfg.dynamic, *LAYOUT, prefix="dynamic")}
+             **fields(cfg.dynamic, *LAYOUT, prefix="dynamic"), **validation_reads(cfg)}
     if frame_experts is not None:
         reads.update(fields(cfg.dynamic, *MTT, prefix="dynamic"))
     upstream = (ingest, frame_experts) if frame_experts else (ingest,)
@@ -34,7 +35,7 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     cfg = ctx.cfg
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(frame_experts)["trajectories"])
                             if frame_experts else (None, []))
-    recipe = Recipe.static(cfg.static, cfg.dynamic)
+    recipe = Recipe.static(cfg.static, cfg.dynamic, cfg.validation)
     device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
     with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
         layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic)
@@ -42,9 +43,12 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
                                     device)
         stills = PixelSet(images, layout.num_classes)
         state, save = ctx.checkpointing(sampler)
-        distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes,
-                model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=state, on_checkpoint=save,
-                on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0))
+        record = distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes,
+                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=state,
+                         on_checkpoint=save, validate=_as_still_videos(ctx.validator(ctx.output(ingest)["cache"]),
+                                                                       sampler.manifest["frames"]),
+                         on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0),
+                         log=ctx.log)
     images = stills.videos.detach()
     uri = ctx.uri("static_memory.safetensors")
     ctx.storage.write_tensors(uri, {"static_memory": images}, {
@@ -52,4 +56,17 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
     return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
             "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc,
-            "seconds_per_iteration": ctx.iteration_seconds()}
+            "validation": ctx.report_validation("static", record), "seconds_per_iteration": ctx.iteration_seconds()}
+
+
+def _as_still_videos(validate: Validate | None, frames: int) -> Validate | None:
+    """Score still images as videos that do not move (each image tiled over `frames`): what they give a video
+    network on their own, before the dynamic stage adds motion."""
+    if validate is None:
+        return None
+
+    def score(source: FrozenPixelSet) -> float:
+        images, labels = source()
+        return validate(FrozenPixelSet(images.unsqueeze(1).expand(-1, frames, -1, -1, -1).contiguous(), labels))
+
+    return score
