@@ -152,8 +152,10 @@ def main() -> None:
         s = summary["models"][row_cfg.evaluate.models[0]]
         cell = "failed" if s["failed"] else f"{100 * s['top1_mean']:.1f} ± {100 * s['top1_std']:.1f}"
         v = outputs.get(row.stage, {}).get("validation") or {}
+        loss = outputs.get(row.stage, {}).get("loss") or {}
         kept = (f"{100 * v['initial']:.1f} -> {100 * v['best']:.1f} (it {v['best_iteration']}, "
                 f"{len(v['backoffs'])} back-offs)" if v.get("initial") is not None else "")
+        kept += f"; loss {loss['first']:.3g} -> {loss['last']:.3g}" if loss else ""
         results.append((row.label, f"{mb:.2f}", cell, kept))
         print(f"{row.label}: {cell} top-1 %, {mb:.2f} MB, validation {kept or '-'} ({time.time() - start:.0f} s)",
               flush=True)

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 SMALL = ["demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "experts.num_experts=2",
          "static.iterations=3", "dynamic.iterations=3", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2",
@@ -35,3 +37,11 @@ def test_vdistill_demo_runs_from_an_empty_folder_with_the_default_relative_run_r
     config = json.loads((run / "config.json").read_text())
     assert config["run"]["root"] == str(tmp_path / "runs")  # resolved once, on the driver
     assert f"distilled artifact: {run / 'artifact'}" in proc.stdout
+    cache = json.loads((run / "cache" / "manifest.json").read_text())
+    assert cache["splits"] == ["test", "train", "val"] and all(n == 1 for n in cache["counts"]["val"].values())
+    chosen = json.loads((run / "export" / "manifest.json").read_text())["outputs"]["method"]
+    assert f"{chosen.upper()}+S2D, best on the validation split" in proc.stdout
+    for name in ("static_memory", "dynamic_memory", "integrator"):  # the artifact is the chosen stage's kept iterate
+        shipped = load_file(run / "artifact" / f"{name}.safetensors")
+        kept = load_file(run / f"dynamic-{chosen}" / "set" / f"{name}.safetensors")
+        assert shipped.keys() == kept.keys() and all(torch.equal(shipped[k], kept[k]) for k in kept), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -82,6 +83,7 @@ class RunContext:
     outputs: Mapping[str, dict[str, Any]]  # every finished stage's outputs, by name
     _splits: dict[tuple[str, str], SplitStream] = field(default_factory=dict, repr=False)
     _seconds: list[float] = field(default_factory=list, repr=False)
+    _losses: list[float] = field(default_factory=list, repr=False)
 
     def uri(self, *parts: str) -> str:
         return join(self.folder, *parts)
@@ -137,6 +139,13 @@ class RunContext:
         ordered = sorted(self._seconds)
         return {"median": ordered[len(ordered) // 2], "best": ordered[0], "iterations": len(ordered)}
 
+    def loss_trend(self, window: int = 10) -> dict[str, float]:
+        """Median matching loss of this stage's first and last `window` iterations run here (for its manifest:
+        whether the objective fell)."""
+        if not self._losses:
+            return {}
+        return {"first": statistics.median(self._losses[:window]), "last": statistics.median(self._losses[-window:])}
+
     def progress(self, prefix: str, total: int, start: int) -> Callable[[int, dict[str, float]], None]:
         """Per-iteration callback: MLflow metrics plus a progress bar (loss, syn_lr) in the log."""
         from tqdm.auto import tqdm
@@ -145,6 +154,7 @@ class RunContext:
 
         def log(iteration: int, metrics: dict[str, float]) -> None:
             self._seconds.append(metrics["seconds"])
+            self._losses.append(metrics["loss"])
             self.tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=iteration)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", syn_lr=f"{metrics['syn_lr']:.3g}", refresh=False)
             bar.update(1)

@@ -424,7 +424,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
             on_metrics(it, {"loss": float(loss), "syn_lr": float(synset.syn_lr.detach()),
                             "seconds": time.perf_counter() - tic})
         if watch is not None:
-            pinned = recipe.learns_lr and float(synset.syn_lr) <= recipe.mtt.min_syn_lr
+            pinned = recipe.learns_lr and float(synset.syn_lr) <= recipe.mtt.min_syn_lr * (1 + 1e-6)  # fp32 floor
             reason = broken or watch.observe(float(loss), pinned)
             if reason and not back_off(it + 1, reason):
                 break

@@ -76,7 +76,8 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                       metrics={"best_during_distillation": best, "validation": record.to_dict()})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
             "validation": ctx.report_validation(f"dynamic-{method}", record),
-            "resumed_from": resumed_from, "seconds_per_iteration": ctx.iteration_seconds()}
+            "resumed_from": resumed_from, "seconds_per_iteration": ctx.iteration_seconds(),
+            "loss": ctx.loss_trend()}
 
 
 def _log_evaluations(ctx: RunContext, name: str, pending: list[tuple[int, PendingEvaluation]]) -> dict[str, Any]:

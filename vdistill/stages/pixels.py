@@ -54,4 +54,5 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | 
                          syn_lr=learned_lr(pixels, recipe), config_hash=ctx.input_hash)
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"],
             "validation": ctx.report_validation(f"pixels-{method}", record),
-            "seconds_per_iteration": ctx.iteration_seconds()}
+            "seconds_per_iteration": ctx.iteration_seconds(),
+            "loss": ctx.loss_trend()}

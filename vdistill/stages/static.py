@@ -56,7 +56,8 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
     return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
             "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc,
-            "validation": ctx.report_validation("static", record), "seconds_per_iteration": ctx.iteration_seconds()}
+            "validation": ctx.report_validation("static", record), "seconds_per_iteration": ctx.iteration_seconds(),
+            "loss": ctx.loss_trend()}
 
 
 def _as_still_videos(validate: Validate | None, frames: int) -> Validate | None:
