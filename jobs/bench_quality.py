@@ -7,8 +7,8 @@ networks on every training set and prints top-1 mean ± std with each set's stor
 the pipeline with other settings in the same run folder: only the stages whose inputs changed run
 again, so the ingest and the experts are shared.
 
-    python jobs/bench_quality.py                       # footage (playback motions), 16 classes, the defaults
-    python jobs/bench_quality.py --motion camera --classes 12   # another real-footage set (vdistill.data.footage)
+    python jobs/bench_quality.py                       # the demo's footage set (playback motions, 12 classes)
+    python jobs/bench_quality.py --motion camera       # another real-footage set (vdistill.data.footage)
     python jobs/bench_quality.py --kind procedural
     python jobs/bench_quality.py --rows base,ablations --set evaluate.epochs=300
 """
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--kind", choices=["footage", "procedural"], default="footage")
     parser.add_argument("--motion", choices=["playback", "camera", "rotation"], default="playback",
                         help="footage: what tells the classes apart")
-    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--train-per-class", type=int, default=30)
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--num-eval", type=int, default=5, help="fresh networks per row (mean ± std)")

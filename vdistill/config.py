@@ -81,7 +81,8 @@ class DemoConfig(_Section):
     motion: Literal["playback", "camera", "rotation"] = Field(
         "playback", description="footage only: what tells its classes apart (vdistill.data.footage): playback "
         "direction and speed, a panning or zooming camera, or a rolling, shaking or still camera")
-    classes: int = Field(0, ge=0, le=20, description="0 = the kind's default: 10 procedural, 16 footage")
+    classes: int = Field(0, ge=0, le=20, description="0 = the kind's default: 10 procedural, 12 footage (3 shots x 4 "
+                         "motions)")
     train_per_class: int = Field(30, ge=1)
     test_per_class: int = Field(10, ge=1)
     size: int = Field(48, ge=16, le=512)
@@ -91,7 +92,7 @@ class DemoConfig(_Section):
 
     @property
     def num_classes(self) -> int:
-        return self.classes or (16 if self.kind == "footage" else 10)
+        return self.classes or (12 if self.kind == "footage" else 10)
 
 
 class DecodeConfig(_Section):
