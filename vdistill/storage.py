@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import posixpath
 import re
 import struct
 import uuid
@@ -269,6 +270,17 @@ def path_component(value: str, what: str) -> str:
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
+
+
+def location(uri: str) -> str:
+    """Where `uri` really points, as one comparable string: a local path or `file:` URI becomes its real absolute
+    path (symlinks followed), an s3:// URI `s3://bucket/normalised/key`. Two spellings of one file compare equal,
+    and a prefix test on it says whether a file lies inside a folder."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        key = posixpath.normpath("/" + parsed.path.lstrip("/")) if parsed.path.strip("/") else ""
+        return f"s3://{parsed.netloc}{key}"
+    return os.path.realpath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
 
 
 def absolute_uri(uri: str) -> str:
