@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from vdistill.errors import DamagedFile
 from vdistill.redact import redact_text
 
 
@@ -141,7 +142,12 @@ class Storage:
         return self.read_bytes(uri).decode("utf-8")
 
     def read_json(self, uri: str) -> Any:
-        return json.loads(self.read_bytes(uri))
+        """The parsed JSON document; DamagedFile naming `uri` when it is not JSON."""
+        data = self.read_bytes(uri)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise DamagedFile(f"{uri} is damaged: not valid JSON ({exc})") from None
 
     def read_json_or(self, uri: str, default: Any = None) -> Any:
         return self.read_json(uri) if self.is_file(uri) else default
@@ -206,10 +212,14 @@ class Storage:
     def read_tensors(self, uri: str, names: list[str] | None = None) -> dict:
         """All tensors, or only `names`, reading just their byte ranges (one snapshot of a trajectory)."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         if names is None:
-            return load(self.read_bytes(uri))
+            try:
+                return load(self.read_bytes(uri))
+            except SafetensorError as exc:
+                raise DamagedFile(f"{uri} is damaged: not a safetensors file ({exc})") from None
         header, base = self._safetensors_header_of(uri)
         out = {}
         with self.open_input(uri) as f:
@@ -220,6 +230,8 @@ class Storage:
                 start, end = entry["data_offsets"]
                 f.seek(base + start)
                 raw = bytearray(f.read(end - start))
+                if len(raw) != end - start:
+                    raise DamagedFile(f"{uri} is damaged: cut short inside tensor {name!r}")
                 dtype = _torch_dtype(entry["dtype"])
                 out[name] = torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(
                     entry["shape"], dtype=dtype
@@ -236,8 +248,17 @@ class Storage:
 
     def _safetensors_header_of(self, uri: str) -> tuple[dict, int]:
         with self.open_input(uri) as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(length)), 8 + length
+            size = f.size()
+            try:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+            except (struct.error, ValueError) as exc:
+                raise DamagedFile(f"{uri} is damaged: not a safetensors file ({exc})") from None
+            return header, 8 + length
 
 
 def _torch_dtype(name: str):
