@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from vdistill.config import load_config
 from vdistill.coordinator import get_coordinator, run_pipeline
@@ -21,6 +22,7 @@ TINY = [
     "dynamic.lr_dynamic=100",  # 300 MTT iterations on 24 clips: well inside the stable range
 ]
 STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
+SUPERSEDED = "checkpoint-00000000000000ab.safetensors"
 
 
 def manifest(storage: Storage, cfg, stage: str) -> dict:
@@ -42,6 +44,9 @@ def interrupted_run(ray_session, tmp_path_factory):
         ready, _ = ray_session.wait([pending], timeout=0.2)
         assert not ready, f"the run finished before it could be interrupted: {ray_session.get(pending)}"
     ray_session.kill(coordinator, no_restart=True)
+    # What runs of other settings left: a checkpoint beside the running stage's own, one in a finished stage.
+    for stage in ("dynamic-mtt", "static"):
+        storage.write_tensors(join(cfg.run_uri, stage, SUPERSEDED), {"x": torch.zeros(1000)})
     before = {stage: manifest(storage, cfg, stage) for stage in STAGES_BEFORE_DYNAMIC}
     assert not storage.exists(join(cfg.run_uri, "dynamic-mtt", "manifest.json"))
     outputs = run_pipeline(cfg, demo=True)
@@ -74,6 +79,14 @@ def test_resumed_run_completes_with_results_and_an_artifact(interrupted_run):
     meta = storage.read_json(join(outputs["export"]["artifact"], "meta.json"))
     assert meta["kind"] == "s2d" and meta["layout"]["vpc"] == 1
     assert storage.is_file(join(outputs["export"]["artifact"], "static_memory.safetensors"))
+
+
+def test_finished_stages_keep_no_checkpoint_and_other_settings_checkpoints_are_removed(interrupted_run):
+    cfg, storage, _, outputs = interrupted_run
+    assert outputs["dynamic-mtt"]["resumed_from"] > 0  # its own checkpoint served the resume, then went
+    left = [u for stage in outputs for u in storage.list_files(join(cfg.run_uri, stage), recursive=False)
+            if "checkpoint-" in u]
+    assert left == []
 
 
 def test_resubmitting_a_finished_run_is_a_no_op(interrupted_run):
