@@ -1,7 +1,10 @@
 """The coordinator runs a whole (tiny) pipeline, survives being killed mid-stage, and skips finished work."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +33,20 @@ def manifest(storage: Storage, cfg, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(ray_session, tmp_path_factory):
-    """Start a run, kill its coordinator inside the dynamic stage, then run the same command again."""
+def another_ray_on_this_host():
+    """A process that Ray's address discovery takes for the raylet of a second local cluster (cheaper than a real
+    `ray start`: discovery reads only process command lines); -> the time it started."""
+    proc = subprocess.Popen(["raylet", "-c", "import time; time.sleep(900)", "--gcs-address=127.0.0.1:1"],
+                            executable=sys.executable)
+    yield time.time()
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(ray_session, tmp_path_factory, another_ray_on_this_host):
+    """Start a run, kill its coordinator inside the dynamic stage, then run the same command again; another
+    local Ray runs on the host all along."""
     root = tmp_path_factory.mktemp("runs")
     cfg = point_at_demo_data(load_config(None, [*TINY, f"run.root={root}", "dynamic.iterations=300"]))
     storage = Storage()
@@ -58,6 +73,16 @@ def test_killed_coordinator_resumes_the_dynamic_stage_from_its_checkpoint(interr
     resumed = outputs["dynamic-mtt"]["resumed_from"]
     assert resumed >= cfg.dynamic.checkpoint_every
     assert resumed < cfg.dynamic.iterations
+
+
+def test_ray_train_attaches_to_this_cluster_while_another_runs_on_the_host(interrupted_run, another_ray_on_this_host,
+                                                                         ray_session):
+    from ray._private.worker import global_worker
+
+    logs = Path(global_worker.node.get_session_dir_path()) / "logs"
+    written = [p for p in logs.glob("*") if p.is_file() and p.stat().st_mtime >= another_ray_on_this_host]
+    assert written  # the experts' Ray Train run logged here
+    assert not [p.name for p in written if "Found multiple active Ray instances" in p.read_text(errors="replace")]
 
 
 def test_evaluations_during_distillation_are_collected(interrupted_run):
