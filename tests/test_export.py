@@ -1,6 +1,7 @@
 """The distilled artifact: export, load back as a Dataset (local and S3), storage accounting, previews."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 import vdistill
+from tests.conftest import free_port
 from vdistill.distill.synset import S2DSet, SlotLayout, pixel_baseline_mb
 from vdistill.errors import DamagedFile
 from vdistill.export import NotAnArtifact, export_pixels, export_s2d, load_distilled, render_artifact
@@ -210,11 +212,17 @@ def _damage(folder: Path, how: str) -> tuple[str, str]:
 DAMAGES = ("truncated", "pickle", "bad-json", "no-meta", "nan", "outward-symlink")
 
 
-def test_vdistill_show_names_the_damaged_file_in_one_line(tmp_path):
+def test_vdistill_show_names_a_damaged_file_or_an_unreachable_endpoint_in_one_line(tmp_path):
     expected = {how: _damage(tmp_path / how, how) for how in DAMAGES}
     exe = shutil.which("vdistill")
     procs = {how: subprocess.Popen([exe, "show", str(tmp_path / how)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True) for how in DAMAGES}  # in parallel: each pays the torch import
+    dead = f"127.0.0.1:{free_port()}"  # and an S3 endpoint nobody answers on
+    procs["s3-down"] = subprocess.Popen([exe, "show", "s3://bucket/artifact"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "AWS_ENDPOINT_URL": f"http://{dead}", "AWS_ACCESS_KEY_ID": "x",
+                                             "AWS_SECRET_ACCESS_KEY": "x", "AWS_EC2_METADATA_DISABLED": "true"})
+    expected["s3-down"] = (dead.replace(":", " port "), "vdistill: S3 endpoint unreachable (")
     for how, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         path, what = expected[how]

@@ -293,6 +293,29 @@ def join(uri: str, *parts: str) -> str:
 
 
 
+_AWS_NETWORK = re.compile(r"AWS Error NETWORK_CONNECTION.*?(?:Details: (.*)|$)")
+
+
+def unreachable_endpoint(exc: BaseException) -> str | None:
+    """A short reason when `exc`, or an error it wraps (a Ray task's cause, a chained exception), says the S3 endpoint
+    could not be reached (pyarrow's NETWORK_CONNECTION, botocore's connection errors), else None."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and (match := _AWS_NETWORK.search(str(err))):
+            return (match.group(1) or match.group(0)).strip()
+        if isinstance(err, BotoConnectionError):
+            return str(err)
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
+
+
 def location(uri: str) -> str:
     """Where `uri` really points, as one comparable string: a local path or `file:` URI becomes its real absolute
     path (symlinks followed), an s3:// URI `s3://bucket/normalised/key`. Two spellings of one file compare equal,
