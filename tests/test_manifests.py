@@ -326,3 +326,14 @@ def test_annotation_errors_survive_pickling_with_their_rows(tmp_path):
         build_manifest(data, storage)
     again = pickle.loads(pickle.dumps(info.value))
     assert str(again) == str(info.value) and again.problems == info.value.problems
+
+
+def test_a_dataset_folder_symlink_leading_out_of_data_root_is_refused(tmp_path):
+    storage = _ucf(tmp_path, ["Archery", "YoYo"])
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "videos" / "YoYo").rename(elsewhere)
+    (tmp_path / "videos" / "YoYo").symlink_to(elsewhere)
+    with pytest.raises(AnnotationError, match=rf"YoYo/v_YoYo_g11_c01.avi resolves to {elsewhere}/v_YoYo_g11_c01.avi, "
+                                              "outside data.root .*data.allow_outside_root=true"):
+        build_manifest(_data(tmp_path, "ucf101"), storage)
+    assert len(build_manifest(_data(tmp_path, "ucf101", allow_outside_root=True), storage).rows) == 4

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -355,8 +354,9 @@ def _conflicts(rows: list[_CsvRow], columns: dict[str, int | None], name: str) -
     problems = []
     first: dict[str, _CsvRow] = {}
     for row in rows:
-        seen = first.setdefault(location(row.uri), row)
-        same = f"{row.path!r} is the file of {name}:{seen.line} ({seen.path!r}, {location(row.uri)})"
+        where = location(row.uri)
+        seen = first.setdefault(where, row)
+        same = f"{row.path!r} is the file of {name}:{seen.line} ({seen.path!r}, {where})"
         if seen.label != row.label:
             problems.append(f"{row.line}: {_column(columns, 'label')}: {same}, listed as {seen.label!r} and "
                             f"{row.label!r}; a video has one label")
@@ -366,12 +366,18 @@ def _conflicts(rows: list[_CsvRow], columns: dict[str, int | None], name: str) -
     return problems
 
 
-def _outside(rows: list[_CsvRow], root: str) -> list[str]:
-    """Rows whose file resolves (symlinks followed, `file://` stripped, s3 keys normalised) outside `root`."""
+_OUTSIDE_FIX = "move it under data.root, or set data.allow_outside_root=true to read files outside it"
+
+
+def _escapes(root: str) -> Callable[[str], str | None]:
+    """uri -> where it resolves (symlinks followed, `file://` stripped, s3 keys normalised) when that is outside
+    `root`, else None: annotation files must not pull other local files or objects into the cache."""
     inside = location(root).rstrip("/") + "/"
-    return [f"{row.line}: column 1 (path): {row.path!r} resolves to {location(row.uri)}, outside data.root "
-            f"{root}; move it under data.root, or set data.allow_outside_root=true to read files outside it"
-            for row in rows if not location(row.uri).startswith(inside)]
+
+    def outside(uri: str) -> str | None:
+        where = location(uri)
+        return None if where.startswith(inside) else where
+    return outside
 
 
 def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
@@ -400,7 +406,9 @@ def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
     name = csv_uri.rsplit("/", 1)[-1]
     problems += _conflicts(rows, columns, name)
     if not data_cfg.allow_outside_root:
-        problems += _outside(rows, root)
+        escapes = _escapes(root)
+        problems += [f"{row.line}: column 1 (path): {row.path!r} resolves to {where}, outside data.root {root}; "
+                     f"{_OUTSIDE_FIX}" for row in rows if (where := escapes(row.uri))]
     if problems:
         raise AnnotationError(csv_uri, [f"{name}:{p}" for p in problems])
     files = _FileIndex(storage, root)
@@ -429,6 +437,12 @@ def build_manifest(data_cfg: Any, storage: Any) -> Manifest:
     except KeyError:
         raise ValueError(f"unknown dataset {data_cfg.dataset!r}; known: {', '.join(sorted(ADAPTERS))}") from None
     manifest = adapter(data_cfg, storage)
+    if data_cfg.dataset != "generic_csv" and not data_cfg.allow_outside_root:  # generic_csv names file:line itself
+        escapes = _escapes(data_cfg.root)
+        outside = [f"{row.uri} resolves to {where}, outside data.root {data_cfg.root}; {_OUTSIDE_FIX}"
+                   for row in manifest.rows if (where := escapes(row.uri))]
+        if outside:
+            raise AnnotationError(_annotations(data_cfg), outside)
     unique = set(manifest.rows)  # a row listed twice would become two clips with one key
     if len(unique) < len(manifest.rows):
         manifest.excluded["duplicate"] = len(manifest.rows) - len(unique)
