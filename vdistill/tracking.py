@@ -263,10 +263,13 @@ class RunLogger:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:
-            from mlflow.entities import RunTag
+            self.link.call(self._set_tags, tags)
 
-            self.link.call(lambda: [self.link.client.log_batch(self._id(), tags=batch) for batch in
-                                    _chunks([RunTag(k, str(v)) for k, v in tags.items()], PARAMS_PER_BATCH)])
+    def _set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        for batch in _chunks([RunTag(k, str(v)) for k, v in tags.items()], PARAMS_PER_BATCH):
+            self.link.client.log_batch(self._id(), tags=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Sent now, or buffered while the server is unreachable (replayed later with their own time and step)."""
