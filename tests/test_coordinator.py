@@ -120,6 +120,10 @@ def test_a_dm_only_run_trains_no_experts():
     assert "experts-video" in _hashes()
 
 
+def test_allowing_rows_outside_data_root_is_no_part_of_any_stage_identity():
+    assert _changed((), "data.allow_outside_root=true") == set()
+
+
 def test_the_slot_layout_changes_the_static_stage():
     assert "static" in _changed((), "dynamic.statics_per_slot=3")
 

@@ -119,9 +119,13 @@ def test_crashed_expert_resumes_from_its_last_finished_epoch(video_run, cache_ro
     metas = [TrajectoryReader(Storage(), u).meta for u in uris]
     assert metas[FAIL_EXPERT]["attempts"] == [0, FAIL_EPOCH - 1]
     assert metas[FAIL_EXPERT]["resumed_from_epoch"] == FAIL_EPOCH - 1
-    for meta in metas:  # the restarted worker group retrains no expert from zero
-        assert meta["attempts"][0] == 0 and all(a > 0 for a in meta["attempts"][1:])
-        assert len(meta["history"]) == EPOCHS
+    # The teardown kills the other worker wherever it is, possibly right after it wrote a new expert's epoch-0
+    # state: that expert resumes from 0 again. What always holds: no resume point goes backwards, and every
+    # epoch was recorded once, in order (an epoch in flight at the crash is retrained, never recorded twice).
+    for meta in metas:
+        attempts = meta["attempts"]
+        assert attempts[0] == 0 and attempts == sorted(attempts) and attempts[-1] < EPOCHS and len(attempts) <= 2
+        assert [h["epoch"] for h in meta["history"]] == list(range(1, EPOCHS + 1))
 
 
 def test_second_invocation_is_a_noop(video_run):

@@ -1,14 +1,21 @@
 """The distilled artifact: export, load back as a Dataset (local and S3), storage accounting, previews."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import av
 import pytest
 import torch
 from PIL import Image
 
 import vdistill
+from tests.conftest import free_port
 from vdistill.distill.synset import S2DSet, SlotLayout, pixel_baseline_mb
-from vdistill.export import export_pixels, export_s2d, load_distilled, render_artifact
+from vdistill.errors import DamagedFile
+from vdistill.export import NotAnArtifact, export_pixels, export_s2d, load_distilled, render_artifact
 from vdistill.models import Integrator
 from vdistill.storage import Storage, join
 
@@ -172,6 +179,64 @@ def test_folder_without_meta_is_rejected_as_unfinished(tmp_path):
     Storage().write_tensors(str(tmp_path / "static_memory.safetensors"), {"static_memory": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_distilled(str(tmp_path))
+
+
+def _damage(folder: Path, how: str) -> tuple[str, str]:
+    """Export an S2D artifact to `folder`, damage it `how`; -> (the file to be named, what must be said)."""
+    tensors = _s2d_tensors()
+    if how == "nan":
+        tensors["static_memory"][0, 0, 0, 0] = float("nan")
+        _export_s2d(Storage(), str(folder), **_s2d_tensors())
+        Storage().write_tensors(str(folder / "static_memory.safetensors"), {"static_memory": tensors["static_memory"]})
+        return f"{folder}/static_memory.safetensors", "tensor 'static_memory' has non-finite values"
+    _export_s2d(Storage(), str(folder), **tensors)
+    static, meta = folder / "static_memory.safetensors", folder / "meta.json"
+    if how == "truncated":
+        static.write_bytes(static.read_bytes()[:-100])
+        return str(static), "not a safetensors file"
+    if how == "pickle":
+        torch.save({"static_memory": tensors["static_memory"]}, static)
+        return str(static), "not a safetensors file"
+    if how == "bad-json":
+        meta.write_text(meta.read_text()[:-20])
+        return str(meta), "not valid JSON"
+    if how == "no-meta":
+        meta.unlink()
+        return str(meta), "not found"
+    outside = folder.parent / f"{folder.name}-elsewhere.safetensors"
+    static.rename(outside)
+    static.symlink_to(outside)
+    return str(static), f"a link to {outside}, outside the artifact"
+
+
+DAMAGES = ("truncated", "pickle", "bad-json", "no-meta", "nan", "outward-symlink")
+
+
+def test_vdistill_show_names_a_damaged_file_or_an_unreachable_endpoint_in_one_line(tmp_path):
+    expected = {how: _damage(tmp_path / how, how) for how in DAMAGES}
+    exe = shutil.which("vdistill")
+    procs = {how: subprocess.Popen([exe, "show", str(tmp_path / how)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for how in DAMAGES}  # in parallel: each pays the torch import
+    dead = f"127.0.0.1:{free_port()}"  # and an S3 endpoint nobody answers on
+    procs["s3-down"] = subprocess.Popen([exe, "show", "s3://bucket/artifact"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "AWS_ENDPOINT_URL": f"http://{dead}", "AWS_ACCESS_KEY_ID": "x",
+                                             "AWS_SECRET_ACCESS_KEY": "x", "AWS_EC2_METADATA_DISABLED": "true"})
+    expected["s3-down"] = (dead.replace(":", " port "), "vdistill: S3 endpoint unreachable (")
+    for how, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        path, what = expected[how]
+        assert proc.returncode != 0 and out == "", (how, out, err)
+        assert err.count("\n") == 1 and err.startswith("vdistill: ") and path in err and what in err, (how, err)
+        assert not (tmp_path / how / "previews").exists()
+
+
+def test_load_distilled_names_the_damaged_file(tmp_path):
+    for how in DAMAGES:
+        path, what = _damage(tmp_path / how, how)
+        with pytest.raises((DamagedFile, NotAnArtifact)) as info:
+            load_distilled(str(tmp_path / how))
+        assert path in str(info.value) and what in str(info.value)
 
 
 def test_export_rejects_a_dynamic_memory_that_does_not_match_the_layout(tmp_path):

@@ -244,12 +244,67 @@ def test_empty_label_is_rejected(tmp_path):
 
 def test_file_in_both_train_and_test_is_a_leak(tmp_path):
     text = _problems(tmp_path, "a.mp4,cat,train\nb.mp4,cat,train\na.mp4,cat,test\n")
-    assert "ann.csv:3: column 3 (split): the file of line 1 is listed in 'train' and 'test' (a train/test leak)" in text
+    assert (f"ann.csv:3: column 3 (split): 'a.mp4' is the file of ann.csv:1 ('a.mp4', {tmp_path}/videos/a.mp4), "
+            "listed in 'train' and 'test' (a train/test leak)") in text
 
 
 def test_file_under_two_labels_is_rejected(tmp_path):
     text = _problems(tmp_path, "a.mp4,cat\na.mp4,dog\n")
-    assert "ann.csv:2: column 2 (label): the file of line 1 is listed as 'cat' and 'dog'" in text
+    assert "ann.csv:2: column 2 (label): 'a.mp4' is the file of ann.csv:1 ('a.mp4'" in text
+    assert "listed as 'cat' and 'dog'" in text
+
+
+def test_one_file_spelled_four_ways_is_one_file_in_the_leak_check(tmp_path):
+    root = tmp_path / "videos"
+    _generic(tmp_path, "")
+    (root / "link.mp4").symlink_to(root / "a.mp4")
+    text = _problems(tmp_path, f"a.mp4,cat,train\n./a.mp4,cat,test\nfile://{root}/a.mp4,dog,train\n"
+                               "link.mp4,cat,test\n")
+    assert "3 problem(s)" in text
+    for line, spelling in ((2, "./a.mp4"), (3, f"file://{root}/a.mp4"), (4, "link.mp4")):
+        assert f"ann.csv:{line}: column" in text and f"{spelling!r} is the file of ann.csv:1 ('a.mp4', {root}/a.mp4)" in text
+    assert "listed as 'cat' and 'dog'" in text and text.count("(a train/test leak)") == 2
+
+
+def _outside_rows(tmp_path) -> tuple[str, str]:
+    """Rows reaching outside data.root three ways (absolute, file://, a symlink inside the root), each to a real file."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("x.mp4", "y.mp4", "z.mp4"):
+        (elsewhere / name).write_bytes(b"x")
+    _generic(tmp_path, "")
+    (tmp_path / "videos" / "inside-link.mp4").symlink_to(elsewhere / "z.mp4")
+    return f"a.mp4,cat\n{elsewhere}/x.mp4,cat\nfile://{elsewhere}/y.mp4,dog\ninside-link.mp4,dog\n", str(elsewhere)
+
+
+def test_rows_resolving_outside_data_root_are_refused_with_their_lines(tmp_path):
+    text, elsewhere = _outside_rows(tmp_path)
+    message = _problems(tmp_path, text)
+    assert "3 problem(s)" in message
+    for line, name in ((2, "x.mp4"), (3, "y.mp4"), (4, "z.mp4")):
+        assert f"ann.csv:{line}: column 1 (path):" in message and f"resolves to {elsewhere}/{name}, outside data.root" in message
+    assert "data.allow_outside_root=true" in message
+
+
+def test_rows_outside_data_root_are_read_with_the_opt_in(tmp_path):
+    text, _ = _outside_rows(tmp_path)
+    data, storage = _generic(tmp_path, text)
+    m = build_manifest(data.model_copy(update={"allow_outside_root": True}), storage)
+    assert sorted(r.uri.rsplit("/", 1)[1] for r in m.rows) == ["a.mp4", "inside-link.mp4", "x.mp4", "y.mp4"]
+    assert m.missing == []
+
+
+def test_s3_rows_compare_by_normalised_key(s3_storage):
+    storage, bucket = s3_storage
+    _touch(storage, f"{bucket}/videos", "a.mp4")
+    _touch(storage, f"{bucket}/other", "b.mp4")
+    csv_uri = f"{bucket}/ann.csv"
+    storage.write_text(csv_uri, f"a.mp4,cat,train\n{bucket}/videos/./a.mp4,cat,test\n{bucket}/videos/../other/b.mp4,dog\n")
+    with pytest.raises(AnnotationError) as info:
+        build_manifest(DataConfig(dataset="generic_csv", root=f"{bucket}/videos", annotations=csv_uri), storage)
+    text = str(info.value)
+    assert "ann.csv:2: column 3 (split):" in text and "(a train/test leak)" in text
+    assert f"ann.csv:3: column 1 (path):" in text and f"resolves to {bucket}/other/b.mp4, outside data.root" in text
 
 
 def test_every_bad_row_is_reported_at_once(tmp_path):
@@ -271,3 +326,14 @@ def test_annotation_errors_survive_pickling_with_their_rows(tmp_path):
         build_manifest(data, storage)
     again = pickle.loads(pickle.dumps(info.value))
     assert str(again) == str(info.value) and again.problems == info.value.problems
+
+
+def test_a_dataset_folder_symlink_leading_out_of_data_root_is_refused(tmp_path):
+    storage = _ucf(tmp_path, ["Archery", "YoYo"])
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "videos" / "YoYo").rename(elsewhere)
+    (tmp_path / "videos" / "YoYo").symlink_to(elsewhere)
+    with pytest.raises(AnnotationError, match=rf"YoYo/v_YoYo_g11_c01.avi resolves to {elsewhere}/v_YoYo_g11_c01.avi, "
+                                              "outside data.root .*data.allow_outside_root=true"):
+        build_manifest(_data(tmp_path, "ucf101"), storage)
+    assert len(build_manifest(_data(tmp_path, "ucf101", allow_outside_root=True), storage).rows) == 4

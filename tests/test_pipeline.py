@@ -1,9 +1,13 @@
 """The coordinator runs a whole (tiny) pipeline, survives being killed mid-stage, and skips finished work."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from vdistill.config import load_config
 from vdistill.coordinator import get_coordinator, run_pipeline
@@ -21,6 +25,7 @@ TINY = [
     "validation.epochs=5", "validation.every=50",
 ]
 STAGES_BEFORE_DYNAMIC = ("dataset", "ingest", "experts-video", "static")
+SUPERSEDED = "checkpoint-00000000000000ab.safetensors"
 
 
 def manifest(storage: Storage, cfg, stage: str) -> dict:
@@ -28,8 +33,20 @@ def manifest(storage: Storage, cfg, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(ray_session, tmp_path_factory):
-    """Start a run, kill its coordinator inside the dynamic stage, then run the same command again."""
+def another_ray_on_this_host():
+    """A process that Ray's address discovery takes for the raylet of a second local cluster (cheaper than a real
+    `ray start`: discovery reads only process command lines); -> the time it started."""
+    proc = subprocess.Popen(["raylet", "-c", "import time; time.sleep(900)", "--gcs-address=127.0.0.1:1"],
+                            executable=sys.executable)
+    yield time.time()
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(ray_session, tmp_path_factory, another_ray_on_this_host):
+    """Start a run, kill its coordinator inside the dynamic stage, then run the same command again; another
+    local Ray runs on the host all along."""
     root = tmp_path_factory.mktemp("runs")
     cfg = point_at_demo_data(load_config(None, [*TINY, f"run.root={root}", "dynamic.iterations=300"]))
     storage = Storage()
@@ -42,6 +59,9 @@ def interrupted_run(ray_session, tmp_path_factory):
         ready, _ = ray_session.wait([pending], timeout=0.2)
         assert not ready, f"the run finished before it could be interrupted: {ray_session.get(pending)}"
     ray_session.kill(coordinator, no_restart=True)
+    # What runs of other settings left: a checkpoint beside the running stage's own, one in a finished stage.
+    for stage in ("dynamic-mtt", "static"):
+        storage.write_tensors(join(cfg.run_uri, stage, SUPERSEDED), {"x": torch.zeros(1000)})
     before = {stage: manifest(storage, cfg, stage) for stage in STAGES_BEFORE_DYNAMIC}
     assert not storage.exists(join(cfg.run_uri, "dynamic-mtt", "manifest.json"))
     outputs = run_pipeline(cfg, demo=True)
@@ -55,6 +75,16 @@ def test_killed_coordinator_resumes_the_dynamic_stage_from_its_checkpoint(interr
     assert resumed < cfg.dynamic.iterations
     scores = outputs["dynamic-mtt"]["validation"]["scores"]
     assert scores[0][0] == 0 < resumed  # the validation record, best iterate included, came with the checkpoint
+
+
+def test_ray_train_attaches_to_this_cluster_while_another_runs_on_the_host(interrupted_run, another_ray_on_this_host,
+                                                                         ray_session):
+    from ray._private.worker import global_worker
+
+    logs = Path(global_worker.node.get_session_dir_path()) / "logs"
+    written = [p for p in logs.glob("*") if p.is_file() and p.stat().st_mtime >= another_ray_on_this_host]
+    assert written  # the experts' Ray Train run logged here
+    assert not [p.name for p in written if "Found multiple active Ray instances" in p.read_text(errors="replace")]
 
 
 def test_evaluations_during_distillation_are_collected(interrupted_run):
@@ -76,6 +106,14 @@ def test_resumed_run_completes_with_results_and_an_artifact(interrupted_run):
     meta = storage.read_json(join(outputs["export"]["artifact"], "meta.json"))
     assert meta["kind"] == "s2d" and meta["layout"]["vpc"] == 1
     assert storage.is_file(join(outputs["export"]["artifact"], "static_memory.safetensors"))
+
+
+def test_finished_stages_keep_no_checkpoint_and_other_settings_checkpoints_are_removed(interrupted_run):
+    cfg, storage, _, outputs = interrupted_run
+    assert outputs["dynamic-mtt"]["resumed_from"] > 0  # its own checkpoint served the resume, then went
+    left = [u for stage in outputs for u in storage.list_files(join(cfg.run_uri, stage), recursive=False)
+            if "checkpoint-" in u]
+    assert left == []
 
 
 def test_resubmitting_a_finished_run_is_a_no_op(interrupted_run):

@@ -17,7 +17,44 @@ from PIL import Image
 from tests.conftest import free_port
 from vdistill import render
 from vdistill.config import load_config
-from vdistill.tracking import Tracker, flatten_params, resolve_tracking
+from vdistill.tracking import Tracker, TrackingUnreachable, flatten_params, resolve_tracking
+
+
+def _start_mlflow_server(folder, port: int, artifacts: str, env: dict | None = None) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` with its store in `folder`, once it answers /health."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           **(env or {})}
+    log = open(folder / "mlflow-server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", artifacts, "--serve-artifacts", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+    log.close()
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(folder / 'mlflow-server.log').read_text()[-2000:]}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            if time.time() > deadline:
+                _stop_mlflow_server(proc)
+                raise
+            time.sleep(0.5)
+
+
+def _stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server's whole process group (its workers too) and wait for it."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture
@@ -31,37 +68,13 @@ def mlflow_server(s3_server, tmp_path):
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(tmp_path / "mlflow-server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--artifacts-destination", f"s3://{bucket}/mlflow", "--serve-artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    proc = _start_mlflow_server(tmp_path, port, f"s3://{bucket}/mlflow", {
+        "MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1"})
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield uri, bucket
+        yield f"http://127.0.0.1:{port}", bucket
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        _stop_mlflow_server(proc)
 
 
 def _cfg(tmp_path, *overrides: str):
@@ -222,3 +235,46 @@ def test_the_console_never_shows_tracking_credentials(mlflow_server, tmp_path, c
     hint = tracker.ui_hint()
     out = capsys.readouterr()
     assert "pa55word" not in out.out + out.err and "pa55word" not in hint and uri in hint
+
+
+def test_a_tracking_server_that_goes_away_never_stalls_the_run_and_gets_the_metrics_later(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server = _start_mlflow_server(tmp_path, port, str(tmp_path / "artifacts"))
+    uri = f"http://127.0.0.1:{port}"
+    cfg = _cfg(tmp_path, f"tracking.uri={uri}")
+    buffer = tmp_path / "runs" / "exp1" / "tracking-buffer.jsonl"
+    try:
+        with Tracker(cfg) as tracker:
+            with tracker.stage("dynamic"):
+                tracker.log_metrics({"loss": 0.0}, step=0)
+                _stop_mlflow_server(server, signal.SIGKILL)  # the server dies mid-stage
+                start = time.monotonic()
+                for step in range(1, 200):  # a distillation loop's per-iteration metrics
+                    tracker.log_metrics({"loss": float(step)}, step=step)
+            with tracker.stage("evaluate"):  # a stage entered while it is gone
+                tracker.log_metrics({"top1": 0.5}, step=0)
+            parent_id = tracker.parent_run_id
+        assert time.monotonic() - start < 15  # one bounded call, then no call waits on the server
+        notes = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
+        assert notes == [f"vdistill: MLflow at {uri} unreachable (Connection refused); continuing, metrics buffered "
+                         f"to {buffer} (replayed when it answers again, or by running the same command again)"]
+
+        with pytest.raises(TrackingUnreachable, match=rf"^MLflow at {uri} \(tracking.uri\) unreachable "
+                                                      r"\(Connection refused\); start it"):
+            Tracker(cfg).start()  # a run started while it is still down stops before any work, in one line
+
+        server = _start_mlflow_server(tmp_path, port, str(tmp_path / "artifacts"))
+        with Tracker(cfg):  # the same command again: the buffer is replayed first
+            pass
+        assert not buffer.exists()
+        client = MlflowClient(uri)
+        stages = _children(client, client.get_run(parent_id).info.experiment_id, parent_id)
+        dynamic, evaluate = stages["dynamic"].info.run_id, stages["evaluate"].info.run_id
+        assert [(m.step, m.value) for m in client.get_metric_history(dynamic, "loss")] == [
+            (step, float(step)) for step in range(200)]
+        assert [m.value for m in client.get_metric_history(evaluate, "top1")] == [0.5]
+        assert {stages[name].info.status for name in ("dynamic", "evaluate")} == {"FINISHED"}
+    finally:
+        _stop_mlflow_server(server)

@@ -93,6 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:  # the user's to fix: the message, not a traceback
         print(f"vdistill: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from vdistill.storage import unreachable_endpoint
+
+        reason = unreachable_endpoint(exc)
+        if reason is None:
+            raise
+        print(f"vdistill: S3 endpoint unreachable ({reason}); check storage.endpoint_url (or AWS_ENDPOINT_URL) and "
+              "that the server is up, then run the same command again: finished work is kept", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -52,6 +52,9 @@ class DataConfig(_Section):
     annotations: str = Field("", description="URI of the annotation files (default: data.root)")
     split_id: int = Field(1, ge=1, le=3, description="official split number (UCF101, HMDB51)")
     hmdb_unused_as_train: bool = Field(True, description="HMDB51: count split-file id 0 (unused) as train, like the paper")
+    allow_outside_root: bool = Field(
+        False, description="read annotation rows whose file resolves outside data.root (absolute paths, file:// "
+        "URLs, symlinks leading out); off: each such row is reported and nothing is ingested")
     k400_replacement: str = Field(
         "replacement", description="K400 folder (under root) whose clips win over the same-named originals")
     train_split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a cache folder name")

@@ -89,9 +89,15 @@ def coordinator_threads(cfg: Config) -> int:
 
 
 def get_coordinator(cfg: Config, storage: Storage):
+    """The run's coordinator actor, started unless it lives. It and everything it starts (Ray Train's controller
+    and its PlacementGroupCleaner, which looks its cluster up by RAY_ADDRESS and otherwise scans this host and
+    fails when another local Ray runs here) inherit this cluster's address."""
+    import ray
+
+    address = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     return _coordinator_class().options(
         name=actor_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_concurrency=4,
+        max_restarts=-1, max_concurrency=4, runtime_env=address,
         num_cpus=cfg.run.coordinator_cpus, num_gpus=cfg.run.coordinator_gpus,
     ).remote(cfg.model_dump(mode="json"), storage, coordinator_threads(cfg))
 

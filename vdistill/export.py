@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from vdistill.data.pixels import MEAN, STD, to_uint8
 from vdistill.distill.synset import (FrozenPixelSet, FrozenS2DSet, SlotLayout, check_memory_shapes, pixel_storage,
                                      s2d_storage)
-from vdistill.storage import Storage, join
+from vdistill.errors import DamagedFile, UserError
+from vdistill.storage import Storage, join, location
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -198,6 +199,31 @@ class S2DDataset(FrozenS2DSet, DistilledDataset):
         return self.materialise(torch.arange(label * vpc, (label + 1) * vpc), generator or self._access_generator())
 
 
+class NotAnArtifact(UserError, FileNotFoundError):
+    """The folder has no meta.json: not an artifact, or its export did not finish."""
+
+
+def _part(storage: Storage, uri: str, name: str) -> str:
+    """`<uri>/<name>`, refused (DamagedFile) when missing or when a symlink leads it out of the artifact's folder:
+    artifacts are shared and unpacked from archives, and must not read files elsewhere."""
+    part = join(uri, name)
+    if not storage.is_file(part):
+        raise DamagedFile(f"{part} is missing: the artifact {uri} is incomplete")
+    if not location(part).startswith(location(uri).rstrip("/") + "/"):
+        raise DamagedFile(f"{part} is a link to {location(part)}, outside the artifact {uri}; refused")
+    return part
+
+
+def _tensors(storage: Storage, uri: str, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one artifact file; DamagedFile naming the tensor and the file when one is not finite."""
+    part = _part(storage, uri, name)
+    tensors = storage.read_tensors(part)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DamagedFile(f"{part}: tensor {key!r} has non-finite values (NaN or inf); refused")
+    return tensors
+
+
 def load_distilled(uri: str, storage: Storage | None = None, *, pairing: Pairing = "random", seed: int = 0,
                    device: torch.device | str = "cpu") -> DistilledDataset:
     """Open an exported set as a torch Dataset of (video `(T, 3, H, W)` normalised, label).
@@ -205,23 +231,29 @@ def load_distilled(uri: str, storage: Storage | None = None, *, pairing: Pairing
     Exposes `.classes`, `.meta`, `.syn_lr`; S2D sets regenerate each video from (static, dynamic,
     integrator) with a random (`pairing="random"`, seeded) or fixed in-slot pairing. Tensors live on
     `device` (keep "cpu" for DataLoader workers; a GPU suits whole-set epochs via `dataset(generator)`).
+    A damaged artifact (a part missing, cut short, not safetensors or JSON, non-finite, or a link out of the
+    folder) raises DamagedFile naming the file and what is wrong.
     """
     storage = storage or Storage.from_config()
-    meta_uri = join(uri, META)
-    if not storage.is_file(meta_uri):
-        raise FileNotFoundError(f"{meta_uri} not found: not a vdistill artifact, or its export did not finish")
+    if not storage.is_file(join(uri, META)):
+        raise NotAnArtifact(f"{join(uri, META)} not found: not a vdistill artifact, or its export did not finish")
+    meta_uri = _part(storage, uri, META)
     meta = storage.read_json(meta_uri)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{uri}: artifact format {meta.get('format_version')} is not supported "
-                         f"(this vdistill reads format {FORMAT_VERSION})")
-    if meta["kind"] == "pixels":
-        tensors = storage.read_tensors(join(uri, "videos.safetensors"))
-        return PixelDataset(tensors["videos"].to(device), tensors["labels"].to(device), meta)
-    layout = SlotLayout(meta["num_classes"], meta["layout"]["vpc"], meta["layout"]["statics_per_slot"],
-                    meta["layout"]["dynamics_per_slot"])
-    static = storage.read_tensors(join(uri, "static_memory.safetensors"))["static_memory"]
-    dynamic = storage.read_tensors(join(uri, "dynamic_memory.safetensors"))["dynamic_memory"]
-    state = storage.read_tensors(join(uri, "integrator.safetensors"))
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise DamagedFile(f"{meta_uri}: artifact format {version} is not supported "
+                          f"(this vdistill reads format {FORMAT_VERSION})")
+    try:
+        if meta["kind"] == "pixels":
+            tensors = _tensors(storage, uri, "videos.safetensors")
+            return PixelDataset(tensors["videos"].to(device), tensors["labels"].to(device), meta)
+        layout = SlotLayout(meta["num_classes"], meta["layout"]["vpc"], meta["layout"]["statics_per_slot"],
+                            meta["layout"]["dynamics_per_slot"])
+        static = _tensors(storage, uri, "static_memory.safetensors")["static_memory"]
+        dynamic = _tensors(storage, uri, "dynamic_memory.safetensors")["dynamic_memory"]
+        state = _tensors(storage, uri, "integrator.safetensors")
+    except KeyError as exc:
+        raise DamagedFile(f"{uri}: the artifact lacks {exc} (meta.json or a tensor file)") from None
     return S2DDataset(static, dynamic, state, layout, meta, pairing=pairing, seed=seed, device=device)
 
 

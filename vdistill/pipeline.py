@@ -97,8 +97,10 @@ class Pipeline:
         done = self.storage.read_json_or(manifest_uri)
         if done and done.get("input_hash") == ctx.input_hash:
             self.log(f"[{stage.name}] done earlier, skipped")
+            ctx.remove_checkpoints(own=True)
             return done["outputs"]
         self.log(f"[{stage.name}] running")
+        ctx.remove_checkpoints(own=False)
         start = time.time()
         with ctx.tracker.stage(stage.name):
             outputs = stage.body(ctx)
@@ -107,6 +109,7 @@ class Pipeline:
                 "seconds": round(time.time() - start, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "outputs": outputs}
         self.storage.write_json(manifest_uri, done)
+        ctx.remove_checkpoints(own=True)
         self.log(f"[{stage.name}] finished in {done['seconds']:.1f}s")
         return outputs
 

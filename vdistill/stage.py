@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -23,6 +24,8 @@ from vdistill.evaluate import validation_scorer
 from vdistill.lease import Owner
 from vdistill.storage import Storage, join
 from vdistill.tracking import Tracker
+
+_CHECKPOINT = re.compile(r"^checkpoint-[0-9a-f]+\.safetensors$")
 
 # Cut points of `vdistill <command>` / `Pipeline.run(until=...)`, in data-flow order.
 GROUPS = ("dataset", "ingest", "experts", "static", "distill", "evaluate", "export")
@@ -125,12 +128,29 @@ class RunContext:
     def checkpointing(self, sampler: ClassSampler) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
         """(loop state to resume from or None, callback that saves one), named by the stage's input hash; the
         sampler's pools travel with the loop state. Call it after the set is built, right before the loop."""
-        uri = self.uri(f"checkpoint-{self.input_hash}.safetensors")
+        uri = self._checkpoint_uri()
         state = load_state(self.storage, uri)
         if state is not None:
             self.log(f"[{self.folder.rsplit('/', 1)[-1]}] resuming from iteration {state['iteration']}")
             sampler.load_state(state.pop("sampler"))
         return state, lambda s: save_state(self.storage, uri, {**s, "sampler": sampler.state()})
+
+    def _checkpoint_uri(self) -> str:
+        return self.uri(f"checkpoint-{self.input_hash}.safetensors")
+
+    def remove_checkpoints(self, *, own: bool) -> None:
+        """Delete the stage's checkpoints of other settings (another input hash), and with `own` its own too (once
+        its manifest is written, nothing resumes from it): each holds memories plus optimiser state. Logs the
+        space freed."""
+        sizes = self.storage.list_file_sizes(self.folder, recursive=False)
+        doomed = {uri: size for uri, size in sizes.items() if _CHECKPOINT.match(uri.rsplit("/", 1)[-1])
+                  and (own or uri != self._checkpoint_uri())}
+        for uri in doomed:
+            self.storage.delete(uri)
+        if doomed:
+            whose = "finished and superseded" if own else "other settings'"
+            self.log(f"[{self.folder.rsplit('/', 1)[-1]}] removed {len(doomed)} {whose} checkpoint(s), "
+                     f"{sum(doomed.values()) / 1e6:.1f} MB freed")
 
     def iteration_seconds(self) -> dict[str, float]:
         """Median and fastest seconds per iteration of this stage's loop so far (for its manifest)."""

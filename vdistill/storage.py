@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import posixpath
 import re
 import struct
 import uuid
@@ -18,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from vdistill.errors import DamagedFile
 from vdistill.redact import redact_text
 
 
@@ -140,7 +142,12 @@ class Storage:
         return self.read_bytes(uri).decode("utf-8")
 
     def read_json(self, uri: str) -> Any:
-        return json.loads(self.read_bytes(uri))
+        """The parsed JSON document; DamagedFile naming `uri` when it is not JSON."""
+        data = self.read_bytes(uri)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise DamagedFile(f"{uri} is damaged: not valid JSON ({exc})") from None
 
     def read_json_or(self, uri: str, default: Any = None) -> Any:
         return self.read_json(uri) if self.is_file(uri) else default
@@ -205,10 +212,14 @@ class Storage:
     def read_tensors(self, uri: str, names: list[str] | None = None) -> dict:
         """All tensors, or only `names`, reading just their byte ranges (one snapshot of a trajectory)."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         if names is None:
-            return load(self.read_bytes(uri))
+            try:
+                return load(self.read_bytes(uri))
+            except SafetensorError as exc:
+                raise DamagedFile(f"{uri} is damaged: not a safetensors file ({exc})") from None
         header, base = self._safetensors_header_of(uri)
         out = {}
         with self.open_input(uri) as f:
@@ -219,6 +230,8 @@ class Storage:
                 start, end = entry["data_offsets"]
                 f.seek(base + start)
                 raw = bytearray(f.read(end - start))
+                if len(raw) != end - start:
+                    raise DamagedFile(f"{uri} is damaged: cut short inside tensor {name!r}")
                 dtype = _torch_dtype(entry["dtype"])
                 out[name] = torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(
                     entry["shape"], dtype=dtype
@@ -235,8 +248,17 @@ class Storage:
 
     def _safetensors_header_of(self, uri: str) -> tuple[dict, int]:
         with self.open_input(uri) as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(length)), 8 + length
+            size = f.size()
+            try:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+            except (struct.error, ValueError) as exc:
+                raise DamagedFile(f"{uri} is damaged: not a safetensors file ({exc})") from None
+            return header, 8 + length
 
 
 def _torch_dtype(name: str):
@@ -269,6 +291,40 @@ def path_component(value: str, what: str) -> str:
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
+
+
+_AWS_NETWORK = re.compile(r"AWS Error NETWORK_CONNECTION.*?(?:Details: (.*)|$)")
+
+
+def unreachable_endpoint(exc: BaseException) -> str | None:
+    """A short reason when `exc`, or an error it wraps (a Ray task's cause, a chained exception), says the S3 endpoint
+    could not be reached (pyarrow's NETWORK_CONNECTION, botocore's connection errors), else None."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and (match := _AWS_NETWORK.search(str(err))):
+            return (match.group(1) or match.group(0)).strip()
+        if isinstance(err, BotoConnectionError):
+            return str(err)
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
+
+
+def location(uri: str) -> str:
+    """Where `uri` really points, as one comparable string: a local path or `file:` URI becomes its real absolute
+    path (symlinks followed), an s3:// URI `s3://bucket/normalised/key`. Two spellings of one file compare equal,
+    and a prefix test on it says whether a file lies inside a folder."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        key = posixpath.normpath("/" + parsed.path.lstrip("/")) if parsed.path.strip("/") else ""
+        return f"s3://{parsed.netloc}{key}"
+    return os.path.realpath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
 
 
 def absolute_uri(uri: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from vdistill.errors import UserError
-from vdistill.storage import PATH_COMPONENT_RULE, is_path_component, join
+from vdistill.storage import PATH_COMPONENT_RULE, is_path_component, join, location
 
 # The 50 UCF101 classes of the paper's miniUCF (METHOD.md 1.1, from ucf50_splits1.csv).
 MINIUCF_CLASSES = (
@@ -346,28 +346,46 @@ def _parse_csv_row(cells: list[str], columns: dict[str, int | None], line: int, 
     if len(problems) > count:
         return None
     path = cell("path")
-    uri = path if _is_absolute(path) else join(root, path)
+    uri = path if _is_absolute(path) else join(root, posixpath.normpath(path))
     return _CsvRow(line, uri, path, cell("label"), split, t0, t1)
 
 
-def _conflicts(rows: list[_CsvRow], columns: dict[str, int | None]) -> list[str]:
-    """A file under two labels, or in two splits (a train/test leak): each reported at its later line."""
+def _conflicts(rows: list[_CsvRow], columns: dict[str, int | None], name: str) -> list[str]:
+    """A file under two labels, or in two splits (a train/test leak): each reported at its later line. A file is
+    its resolved location, so `a.mp4`, `./a.mp4`, `file://<root>/a.mp4` and a symlink to it are one file."""
     problems = []
     first: dict[str, _CsvRow] = {}
     for row in rows:
-        seen = first.setdefault(row.uri, row)
+        where = location(row.uri)
+        seen = first.setdefault(where, row)
+        same = f"{row.path!r} is the file of {name}:{seen.line} ({seen.path!r}, {where})"
         if seen.label != row.label:
-            problems.append(f"{row.line}: {_column(columns, 'label')}: the file of line {seen.line} is "
-                            f"listed as {seen.label!r} and {row.label!r}; a video has one label")
+            problems.append(f"{row.line}: {_column(columns, 'label')}: {same}, listed as {seen.label!r} and "
+                            f"{row.label!r}; a video has one label")
         if seen.split != row.split:
-            problems.append(f"{row.line}: {_column(columns, 'split')}: the file of line {seen.line} is "
-                            f"listed in {seen.split!r} and {row.split!r} (a train/test leak); a video is in one split")
+            problems.append(f"{row.line}: {_column(columns, 'split')}: {same}, listed in {seen.split!r} and "
+                            f"{row.split!r} (a train/test leak); a video is in one split")
     return problems
+
+
+_OUTSIDE_FIX = "move it under data.root, or set data.allow_outside_root=true to read files outside it"
+
+
+def _escapes(root: str) -> Callable[[str], str | None]:
+    """uri -> where it resolves (symlinks followed, `file://` stripped, s3 keys normalised) when that is outside
+    `root`, else None: annotation files must not pull other local files or objects into the cache."""
+    inside = location(root).rstrip("/") + "/"
+
+    def outside(uri: str) -> str | None:
+        where = location(uri)
+        return None if where.startswith(inside) else where
+    return outside
 
 
 def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
     """`path,label[,split,start,end]`, or any order under a header row (`filename,label,split`, ...); relative
-    paths resolve against data.root (or the CSV's folder); split defaults to train; test/val/validate/validation
+    paths resolve against data.root (or the CSV's folder), and every file must resolve inside it unless
+    data.allow_outside_root; split defaults to train; test/val/validate/validation
     map to the test split. Every row is checked first; all problems raise one AnnotationError."""
     csv_uri = _annotations(data_cfg)
     if not storage.is_file(csv_uri):
@@ -387,14 +405,19 @@ def generic_csv(data_cfg: Any, storage: Any) -> Manifest:
         columns = {role: header.get(role, None if i in used else i) for i, role in enumerate(CSV_COLUMNS)}
     rows = [] if problems else [
         r for line, cells in records if (r := _parse_csv_row(cells, columns, line, data_cfg, root, problems))]
-    problems += _conflicts(rows, columns)
+    name = csv_uri.rsplit("/", 1)[-1]
+    problems += _conflicts(rows, columns, name)
+    if not data_cfg.allow_outside_root:
+        escapes = _escapes(root)
+        problems += [f"{row.line}: column 1 (path): {row.path!r} resolves to {where}, outside data.root {root}; "
+                     f"{_OUTSIDE_FIX}" for row in rows if (where := escapes(row.uri))]
     if problems:
-        name = csv_uri.rsplit("/", 1)[-1]
         raise AnnotationError(csv_uri, [f"{name}:{p}" for p in problems])
     files = _FileIndex(storage, root)
     items, missing = [], []
     for row in rows:
-        found = storage.is_file(row.uri) if _is_absolute(row.path) else row.path.removeprefix("./") in files.relative
+        rel = row.uri[len(root) + 1:]
+        found = storage.is_file(row.uri) if _is_absolute(row.path) or rel.startswith("../") else rel in files.relative
         if found:
             items.append((row.uri, row.label, row.split, row.start_s, row.end_s))
         else:
@@ -416,6 +439,12 @@ def build_manifest(data_cfg: Any, storage: Any) -> Manifest:
     except KeyError:
         raise ValueError(f"unknown dataset {data_cfg.dataset!r}; known: {', '.join(sorted(ADAPTERS))}") from None
     manifest = adapter(data_cfg, storage)
+    if data_cfg.dataset != "generic_csv" and not data_cfg.allow_outside_root:  # generic_csv names file:line itself
+        escapes = _escapes(data_cfg.root)
+        outside = [f"{row.uri} resolves to {where}, outside data.root {data_cfg.root}; {_OUTSIDE_FIX}"
+                   for row in manifest.rows if (where := escapes(row.uri))]
+        if outside:
+            raise AnnotationError(_annotations(data_cfg), outside)
     unique = set(manifest.rows)  # a row listed twice would become two clips with one key
     if len(unique) < len(manifest.rows):
         manifest.excluded["duplicate"] = len(manifest.rows) - len(unique)

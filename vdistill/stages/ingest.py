@@ -10,7 +10,9 @@ from vdistill.storage import join
 
 
 def stage(cfg: Config, dataset: Stage | None) -> Stage:
-    return Stage("ingest", "ingest", {"data": cfg.data, "decode": cfg.decode}, (dataset,) if dataset else (), _ingest)
+    # data.allow_outside_root only permits rows, it changes no clip: no part of the identity (nor of finished runs')
+    data = cfg.data.model_dump(mode="json", exclude={"allow_outside_root"})
+    return Stage("ingest", "ingest", {"data": data, "decode": cfg.decode}, (dataset,) if dataset else (), _ingest)
 
 
 def _ingest(ctx: RunContext) -> dict[str, Any]:
