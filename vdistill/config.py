@@ -257,9 +257,12 @@ class ValidationConfig(_Section):
     """How a distillation stage scores its set on the validation split (data.val_split) while it runs: the
     stage exports its best iterate, never one worse than where it started (METHOD.md 5.9)."""
 
-    every: int = Field(50, ge=0, description="score every n iterations, plus iteration 0 and the last (0 = only those)")
+    every: int = Field(100, ge=0, description="score every n iterations, plus iteration 0 and the last (0 = only those)")
     num_nets: int = Field(2, ge=1, description="fresh ConvNet3Ds per score, the same seeds at every iterate")
-    epochs: int = Field(60, ge=1, description="training epochs of each network (evaluate.* for the rest)")
+    epochs: int = Field(
+        200, ge=1, description="training epochs of each network (evaluate.* for the rest): as many as the evaluation "
+        "trains, since a set that wins after a few steps can lose after many (measured with 60: validation rose while "
+        "test accuracy fell)")
     backoffs: int = Field(
         2, ge=0, description="instability back-offs per stage: a matching loss that stays above its starting value, "
         "or a learned lr pinned at its floor, reloads the best iterate with steps scaled by backoff_factor")
