@@ -107,7 +107,8 @@ def test_evaluate_settings_change_dynamic_stages_that_evaluate_while_distilling(
 
 
 def test_dynamic_learning_rates_leave_the_static_stage_the_experts_and_the_pixel_baselines_alone():
-    assert _changed((), "dynamic.lr_dynamic=5") == {"dynamic-mtt", "evaluate", "export"}
+    # DM+S2D takes dynamic.lr_dynamic too: its baselines.s2d_overrides default sets only its iterations
+    assert _changed((), "dynamic.lr_dynamic=5") == {"dynamic-mtt", "dynamic-dm", "evaluate", "export"}
 
 
 def test_a_pixel_baseline_setting_changes_that_baseline_only():

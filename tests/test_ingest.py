@@ -51,7 +51,7 @@ def bucket(s3_server):
 def _cfg(root: str, csv_uri: str, cache: str, **over):
     items = {"data.root": root, "data.annotations": csv_uri, "cache.uri": cache, "decode.frames": 8,
              "decode.size": 32, "decode.min_frames": 4, "cache.videos_per_task": 4,
-             "cache.max_quarantine_fraction": 0.3, **over}
+             "cache.max_quarantine_fraction": 0.3, "data.val_fraction": 0, **over}  # splits as annotated
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 

@@ -74,8 +74,9 @@ class K400Bucket:
         return sum(sum(c.values()) for c in self.expected.values())
 
     def data_overrides(self) -> list[str]:
+        # The official train/validate split as it is: no training clips held out for validation here.
         return [f"data.root={self.root}", f"data.annotations={self.root}/annotations",
-                f"storage.endpoint_url={self.endpoint}"]
+                f"storage.endpoint_url={self.endpoint}", "data.val_fraction=0"]
 
 
 def youtube_id(key: str, i: int) -> str:

@@ -257,8 +257,10 @@ class ValidationConfig(_Section):
     """How a distillation stage scores its set on the validation split (data.val_split) while it runs: the
     stage exports its best iterate, never one worse than where it started (METHOD.md 5.9)."""
 
-    every: int = Field(100, ge=0, description="score every n iterations, plus iteration 0 and the last (0 = only those)")
-    num_nets: int = Field(2, ge=1, description="fresh ConvNet3Ds per score, the same seeds at every iterate")
+    every: int = Field(
+        0, ge=0, description="score every n iterations, plus iteration 0 and the last (0 = only those: the stage keeps "
+        "the better of its start and its end; each score costs num_nets x epochs training steps)")
+    num_nets: int = Field(1, ge=1, description="fresh ConvNet3Ds per score, the same seeds at every iterate")
     epochs: int = Field(
         200, ge=1, description="training epochs of each network (evaluate.* for the rest): as many as the evaluation "
         "trains, since a set that wins after a few steps can lose after many (measured with 60: validation rose while "

@@ -339,7 +339,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
     With `validate` and `recipe.validation`, the set is scored at iteration 0, every `validation.every`
     iterations and after the last, and the loop ends holding its BEST iterate, which may be its start; an
     unstable loop (`_Instability`, or a non-finite loss or set) reloads the best iterate with smaller steps, at
-    most `validation.backoffs` times, then stops. Without them, a non-finite loss or synthetic tensor stops the
+    most `validation.backoffs` times; after that a non-finite loop stops, an unstable one goes on. Without them, a non-finite loss or synthetic tensor stops the
     loop with `Diverged` naming the loop, the iteration and the config keys to lower, before anything non-finite
     can be checkpointed or exported. Returns the validation record (empty without validation).
     """
@@ -379,10 +379,16 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
             out.update(validation=record.to_dict(), best_tensors=best_tensors)
         return out
 
-    def back_off(it: int, reason: str) -> bool:
-        """Reload the best iterate with smaller steps; False once the back-offs are spent."""
+    def back_off(it: int, reason: str, broken: bool) -> bool:
+        """Reload the best iterate with smaller steps; once the back-offs are spent, a broken (non-finite) loop stops
+        (False) and an unstable one goes on unwatched, keeping its best iterate either way."""
         nonlocal optimizers, watch
         if len(record.backoffs) >= guard.backoffs:
+            if not broken:
+                log(f"[{recipe.name}] {reason} at iteration {it} after {len(record.backoffs)} back-off(s): going on; "
+                    f"the stage keeps its best iterate. Lower {recipe.lr_keys()}")
+                watch = None
+                return True
             record.stopped_early = f"{reason} at iteration {it} after {len(record.backoffs)} back-off(s)"
             log(f"[{recipe.name}] {record.stopped_early}: stopping; the set is its best iterate ({record.best_iteration})"
                 f". Lower {recipe.lr_keys()}")
@@ -423,10 +429,10 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
         if on_metrics is not None:
             on_metrics(it, {"loss": float(loss), "syn_lr": float(synset.syn_lr.detach()),
                             "seconds": time.perf_counter() - tic})
-        if watch is not None:
+        if guard is not None and (broken or watch is not None):
             pinned = recipe.learns_lr and float(synset.syn_lr) <= recipe.mtt.min_syn_lr * (1 + 1e-6)  # fp32 floor
             reason = broken or watch.observe(float(loss), pinned)
-            if reason and not back_off(it + 1, reason):
+            if reason and not back_off(it + 1, reason, bool(broken)):
                 break
         done = it + 1
         if guard is not None and (done == recipe.iterations or (guard.every and done % guard.every == 0)):
