@@ -33,6 +33,7 @@ from vdistill.data.clips import load_split  # noqa: E402
 from vdistill.distill.synset import storage_mb  # noqa: E402
 from vdistill.evaluate import TensorSource, evaluate_set  # noqa: E402
 from vdistill.export import S2DDataset, load_distilled  # noqa: E402
+from vdistill.stages.evaluate import coreset_sources  # noqa: E402
 from vdistill.storage import Storage  # noqa: E402
 
 Transform = Callable[[S2DDataset], S2DDataset]
@@ -86,8 +87,14 @@ ABLATION_ROWS = [
     Row("DM+S2D, 100 iterations", (dm(iterations=100),), "dynamic-dm"),
     Row("DM+S2D, 1,000 iterations", (dm(iterations=1000),), "dynamic-dm"),
 ]
+STEP_ROWS = [  # what the step size of the memories does (METHOD.md 5.1a)
+    Row("DM+S2D, iteration 0 (real motion on real frames, nothing distilled)",
+        ("static.iterations=0", dm(iterations=0)), "dynamic-dm"),
+    Row("DM+S2D, lr_dynamic 0.001", (dm(lr_dynamic=0.001),), "dynamic-dm"),
+    Row("MTT+S2D, lr_dynamic 0.001", ("dynamic.lr_dynamic=0.001",), "dynamic-mtt"),
+]
 FULL_ROW = Row("full training set", (), "full")
-GROUPS = {"base": BASE_ROWS, "ablations": ABLATION_ROWS, "full": [FULL_ROW]}
+GROUPS = {"base": BASE_ROWS, "ablations": ABLATION_ROWS, "steps": STEP_ROWS, "full": [FULL_ROW]}
 
 
 def base_config(args: argparse.Namespace, overrides: tuple[str, ...]) -> Config:
@@ -101,19 +108,15 @@ def base_config(args: argparse.Namespace, overrides: tuple[str, ...]) -> Config:
 
 
 def training_set(cfg: Config, storage: Storage, row: Row, outputs: dict[str, Any]):
-    """(source, storage MB) of one row: coresets and the full split as uint8 clips counted as fp32, like the paper."""
-    from vdistill.coreset import select_coreset
-    from vdistill.models import build_model
-
-    if row.stage.startswith("coreset:") or row.stage == "full":
+    """(source, storage MB) of one row: coresets and the full split as uint8 clips counted as fp32, like the paper;
+    random selection as one fresh draw per evaluation network, like the run's results table."""
+    if row.stage == "full":
         train = load_split(storage, cfg.cache_uri, cfg.data.train_split)
-        if row.stage == "full":
-            return TensorSource(train.videos, train.labels), storage_mb(train.videos, as_float32=True)
-        frames, size = train.videos.shape[1], train.videos.shape[2]
-        embedder = build_model("convnet3d", len(train.classes), frames, size, cfg.model, seed=cfg.run.seed)
-        subset = select_coreset(row.stage.split(":", 1)[1], train.class_clips, train.classes, cfg.dynamic.vpc,
-                                embedder, "cpu", torch.Generator().manual_seed(cfg.run.seed))
-        return TensorSource(subset.videos, subset.labels), storage_mb(subset.videos, as_float32=True)
+        return TensorSource(train.videos, train.labels), storage_mb(train.videos, as_float32=True)
+    if row.stage.startswith("coreset:"):
+        sources, mb, _ = coreset_sources(cfg, storage, cfg.cache_uri, row.stage.split(":", 1)[1], cfg.dynamic.vpc,
+                                         None)
+        return sources, mb
     dataset = load_distilled(outputs[row.stage]["set"], storage, seed=cfg.run.seed)
     if row.transform is not None:
         dataset = row.transform(dataset)

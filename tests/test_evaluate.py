@@ -161,3 +161,24 @@ def test_a_diverged_evaluation_is_reported_as_failed_not_as_a_number():
     table = format_results_table([{"method": "DM+S2D", "vpc": 1, "storage_mb": 1.0, "clips": 8,
                                    "models": {"convnet3d": summary}}])
     assert "failed (1/2 diverged)" in table and "nan" not in table.lower()
+
+
+def test_random_selection_gets_a_fresh_draw_per_network_and_each_network_trains_on_its_own(ray_session, tmp_path):
+    from vdistill.stages.evaluate import coreset_sources
+
+    cache = str(tmp_path / "cache")
+    write_cache(cache, {"train": colour_clips(6, 0), "test": colour_clips(2, 1)})
+    cfg = Config(model=MODEL, evaluate=EvaluateConfig(num_eval=3, epochs=1, batch_size=16))
+    draws, mb, clips = coreset_sources(cfg, Storage(), cache, "random", 1, None)
+    assert len(draws) == 3 and clips == 8 and mb == pytest.approx(storage_mb(draws[0].videos, as_float32=True))
+    assert len({tuple(d.videos.flatten()[::97].tolist()) for d in draws}) == 3  # three different picks
+    again, _, _ = coreset_sources(cfg, Storage(), cache, "random", 1, None)
+    assert all(torch.equal(a.videos, b.videos) for a, b in zip(draws, again))  # the same draws at every re-run
+    assert len(coreset_sources(cfg, Storage(), cache, "herding", 1, None)[0]) == 1  # deterministic: one set
+    # Each network trains on its own draw: the scores equal three single-draw evaluations with the same seeds.
+    test = colour_clips(2, 1)
+    together = evaluate_set(draws, test, cfg)["models"]["convnet3d"]["runs"]
+    seeds = eval_seeds(cfg.run.seed, 3)
+    alone = [run(ClipSet(d.videos, d.labels, test.classes), test, epochs=1, seed=s)["top1"]
+             for d, s in zip(draws, seeds)]
+    assert [r["top1"] for r in together] == pytest.approx(alone)

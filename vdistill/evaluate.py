@@ -199,7 +199,7 @@ class PendingEvaluation:
 
 
 def launch_evaluation(
-    source: TrainSource | tuple[torch.Tensor, torch.Tensor],
+    source: TrainSource | tuple[torch.Tensor, torch.Tensor] | list[TrainSource],
     test_set: TestSplit,
     cfg: Config,
     *,
@@ -213,7 +213,8 @@ def launch_evaluation(
     tasks and return at once, so evaluation stays off the distillation's critical path (METHOD.md W-17d).
 
     `source` is an EpochSource, a `(videos, labels)` pair or a `SplitStream` (the full-data baseline, streamed by
-    every task); `test_set` a `SplitStream` (or a small `ClipSet`); `lr` overrides `cfg.evaluate.lr` (e.g. a
+    every task), or a list of sources handed to the networks in turn (one random draw per network); `test_set` a
+    `SplitStream` (or a small `ClipSet`); `lr` overrides `cfg.evaluate.lr` (e.g. a
     learned synthetic lr); `epochs` overrides `cfg.evaluate.epochs` (e.g. the full-data baseline).
     Source and test split go to the object store once per launch (a stream travels as its list of row groups).
     """
@@ -225,19 +226,21 @@ def launch_evaluation(
     rate = ev.lr if lr is None else lr
     frames, size = test_set.clip_shape[0], test_set.clip_shape[1]
     task = ray.remote(_train_and_test_task).options(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task)
-    source_ref, test_ref = ray.put(source), ray.put(test_set)
+    sources = source if isinstance(source, list) else [source]
+    source_refs, test_ref = [ray.put(s) for s in sources], ray.put(test_set)
     refs = {
-        name: [task.remote(source_ref, test_ref, cfg.run.device, model_name=name, num_classes=len(test_set.classes),
+        name: [task.remote(source_refs[i % len(sources)], test_ref, cfg.run.device, model_name=name,
+                           num_classes=len(test_set.classes),
                            frames=frames, size=size, model_cfg=cfg.model, eval_cfg=ev, train_cfg=cfg.train,
                            lr=rate, seed=seed)
-               for seed in eval_seeds(cfg.run.seed, ev.num_eval)]
+               for i, seed in enumerate(eval_seeds(cfg.run.seed, ev.num_eval))]
         for name in (models or ev.models)
     }
     return PendingEvaluation(refs, storage_mb, clips, rate, ev.epochs)
 
 
 def evaluate_set(
-    source: TrainSource | tuple[torch.Tensor, torch.Tensor],
+    source: TrainSource | tuple[torch.Tensor, torch.Tensor] | list[TrainSource],
     test_set: TestSplit,
     cfg: Config,
     *,

@@ -33,9 +33,11 @@ def stage(cfg: Config, ingest: Stage, distilled: list[tuple[str, Stage]], video_
     return Stage("evaluate", "evaluate", reads, upstream, lambda ctx: _evaluate(ctx, ingest, distilled, embedder))
 
 
-def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None) -> ClipSet:
+def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None,
+            draw: int = 0) -> ClipSet:
     """`k` real clips per class of the training split chosen by `method`, one class in memory at a time, embedded
-    by a random ConvNet3D or, given a `trajectory`, by that expert's last snapshot."""
+    by a random ConvNet3D or, given a `trajectory`, by that expert's last snapshot. `draw` numbers independent
+    random draws (herding and k-center are deterministic and ignore it)."""
     manifest = read_manifest(storage, cache_uri)
     classes = list(manifest["classes"])
     embedder = build_model("convnet3d", len(classes), manifest["frames"], manifest["size"], cfg.model,
@@ -43,9 +45,20 @@ def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, 
     if trajectory is not None:
         reader = TrajectoryReader(storage, trajectory)
         load_flat_(embedder, reader.snapshot(reader.num_snapshots - 1))
-    generator = torch.Generator().manual_seed(cfg.run.seed)
+    generator = torch.Generator().manual_seed(cfg.run.seed + draw)
     return select_coreset(method, lambda c: load_class(storage, cache_uri, cfg.data.train_split, c), classes, k,
                           embedder, resolve_device(cfg.run.device), generator)
+
+
+def coreset_sources(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None
+                    ) -> tuple[list[TensorSource], float, int]:
+    """(training sets, storage MB, clips) of a coreset row. Random selection gets a fresh draw per evaluation
+    network, so its row is the expected accuracy of picking `k` clips at random (one draw's luck moves it by
+    several points at one clip per class); a deterministic method gets one set."""
+    draws = cfg.evaluate.num_eval if method == "random" else 1
+    subsets = [coreset(cfg, storage, cache_uri, method, k, trajectory, draw) for draw in range(draws)]
+    return ([TensorSource(s.videos, s.labels) for s in subsets], storage_mb(subsets[0].videos, as_float32=True),
+            len(subsets[0].labels))
 
 
 def _training_sets(ctx: RunContext, cache: str, distilled: list[tuple[str, Stage]], embedder: Stage | None
@@ -55,9 +68,8 @@ def _training_sets(ctx: RunContext, cache: str, distilled: list[tuple[str, Stage
     trajectory = ctx.output(embedder)["trajectories"][0] if embedder else None
     rows = []
     for method in cfg.baselines.coresets:
-        subset = coreset(cfg, ctx.storage, cache, method, vpc, trajectory)
-        rows.append((method, vpc, TensorSource(subset.videos, subset.labels),
-                     storage_mb(subset.videos, as_float32=True), len(subset.labels)))
+        sources, mb, clips = coreset_sources(cfg, ctx.storage, cache, method, vpc, trajectory)
+        rows.append((method, vpc, sources, mb, clips))
     for label, stage in distilled:
         dataset = load_distilled(ctx.output(stage)["set"], ctx.storage, seed=cfg.run.seed)
         rows.append((label, vpc, dataset, dataset.meta["storage"]["total_mb"], len(dataset)))
@@ -114,9 +126,8 @@ def evaluate_standalone(cfg: Config, storage: Storage, *, synthetic: str | None,
     elif coreset_method:
         trajectory = (list_trajectories(storage, cfg.run_uri, "video")[0]
                       if cfg.evaluate.coreset_embedder == "expert" else None)
-        subset = coreset(cfg, storage, cfg.cache_uri, coreset_method, k, trajectory)
-        label, source, mb, clips = coreset_method, TensorSource(subset.videos, subset.labels), storage_mb(
-            subset.videos, as_float32=True), len(subset.labels)
+        source, mb, clips = coreset_sources(cfg, storage, cfg.cache_uri, coreset_method, k, trajectory)
+        label = coreset_method
         out = join(cfg.cache_uri, "evaluations", f"{coreset_method}-vpc{k}-seed{cfg.run.seed}.json")
     else:
         train = SplitStream(storage, cfg.cache_uri, cfg.data.train_split)
