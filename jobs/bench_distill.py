@@ -51,8 +51,10 @@ PIPELINE = ["demo.kind=footage", "demo.train_per_class=8", "demo.test_per_class=
             "decode.frames=16", "decode.size=64", "model.width=128", "model.head=paper", "train.standardize=true",
             "dynamic.method=dm", "dynamic.batch_real=16", "baselines.s2d_methods=[]", "baselines.pixel_methods=[]",
             "static.iterations=1", "tracking.enabled=false", "run.name=bench-pipeline"]
-# The original code at the paper shape, 2 threads, on this machine kind (issue 12): (s/iteration, peak GB).
-ORIGINAL = {("dm", 1): (8.2, 2.7), ("mtt", 10): (58.0, 3.6), ("mtt", 20): (134.0, 6.0)}
+# The original code at the paper shape, 2 threads, fp32, on this machine kind (2-core AMD EPYC, AVX2), timed by
+# ../bench-original/side_by_side.sh one run after vdistill's (median of 3 iterations after a warm-up, peak RSS of
+# its process; issue 21's table, 2026-12): (s/iteration, peak GB). Re-measure with that script on your machine.
+ORIGINAL = {("dm", 1): (5.71, 1.41), ("mtt", 10): (28.54, 3.83)}
 
 
 def _worker(spec: dict) -> dict:
