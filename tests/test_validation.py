@@ -119,3 +119,13 @@ def test_instability_is_a_sustained_rise_or_a_pinned_lr_not_noise():
     assert [rising.observe(x, False) != "" for x in (1.0, 1.0, 1.0, 1.2, 1.3)] == [False] * 4 + [True]
     assert not any(noisy.observe(x, False) for x in (1.0, 0.9, 1.1, 1.04, 0.8, 1.02, 0.95))
     assert [pinned.observe(0.5, True) != "" for _ in range(3)] == [False, False, True]
+
+
+def test_a_loss_that_scatters_by_tens_of_percent_is_not_a_rise_but_a_sustained_climb_is():
+    # DM's loss under a fresh random network each iteration scatters ~20% around a flat level: 500 iterations
+    # checked at every one must never back off; the same scatter on a level that climbs 40% must.
+    noise = torch.randn(500, generator=torch.Generator().manual_seed(0)).mul(0.2).add(1.0).clamp(min=0.05)
+    flat, climbing = _Instability(10), _Instability(10)
+    assert not any(flat.observe(float(x), False) for x in noise)
+    level = torch.cat([torch.ones(100), torch.full((400,), 1.4)])
+    assert any(climbing.observe(float(x * l), False) for x, l in zip(noise, level))

@@ -283,15 +283,30 @@ class ValidationRecord:
 
 class _Instability:
     """The back-off rule (METHOD.md 5.9): the median loss of the last `window` iterations above the median of the
-    first `window` since the loop (re)started, or a learned lr at its floor for `window` iterations in a row."""
+    first `window` since the loop (re)started by more than noise, or a learned lr at its floor for `window`
+    iterations in a row.
 
-    RISE = 1.05  # a rise of 5% over a window's median is not noise for either objective
+    DM draws a fresh random network and MTT a fresh expert segment every iteration, so one iteration's loss
+    scatters by tens of percent and the rule is checked at every iteration: a fixed 5% margin fired on noise
+    (pixel DM backed off at step sizes of 0.0009). A rise must exceed `SIGNIFICANCE` standard errors of the
+    difference of two window medians, the scatter estimated robustly from the first window (its MAD).
+    """
+
+    RISE = 1.05  # never call less than 5% a rise
+    SIGNIFICANCE = 3.0  # standard errors of the difference of two medians of `window` losses
 
     def __init__(self, window: int) -> None:
         self.window = window
         self.first: list[float] = []
         self.recent: list[float] = []
         self.pinned = 0
+
+    def threshold(self) -> float:
+        """The median of the last `window` losses above which the loss has risen."""
+        start = statistics.median(self.first)
+        sigma = 1.4826 * statistics.median(abs(x - start) for x in self.first)  # one loss's scatter, robustly
+        se_diff = math.sqrt(2.0) * 1.2533 * sigma / math.sqrt(self.window)  # two medians of `window` losses
+        return max(self.RISE * start, start + self.SIGNIFICANCE * se_diff)
 
     def observe(self, loss: float, lr_pinned: bool) -> str:
         """'' while stable, else why not."""
@@ -303,7 +318,7 @@ class _Instability:
             return f"the learned lr sat at its floor (dynamic.min_syn_lr) for {self.pinned} iterations"
         if len(self.first) == self.window and len(self.recent) == self.window:
             start, now = statistics.median(self.first), statistics.median(self.recent)
-            if now > self.RISE * start:
+            if now > self.threshold():
                 return f"the matching loss rose from {start:.4g} to {now:.4g} (medians of {self.window} iterations)"
         return ""
 
