@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vdistill.config import Config
-from vdistill.coreset import select_coreset
+from vdistill.coreset import random_choice, select_coreset
 from vdistill.data.clips import ClipSet, load_class, read_manifest
 from vdistill.data.stream import SplitStream
 from vdistill.device import resolve_device
@@ -33,11 +33,9 @@ def stage(cfg: Config, ingest: Stage, distilled: list[tuple[str, Stage]], video_
     return Stage("evaluate", "evaluate", reads, upstream, lambda ctx: _evaluate(ctx, ingest, distilled, embedder))
 
 
-def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None,
-            draw: int = 0) -> ClipSet:
+def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None) -> ClipSet:
     """`k` real clips per class of the training split chosen by `method`, one class in memory at a time, embedded
-    by a random ConvNet3D or, given a `trajectory`, by that expert's last snapshot. `draw` numbers independent
-    random draws (herding and k-center are deterministic and ignore it)."""
+    by a random ConvNet3D or, given a `trajectory`, by that expert's last snapshot."""
     manifest = read_manifest(storage, cache_uri)
     classes = list(manifest["classes"])
     embedder = build_model("convnet3d", len(classes), manifest["frames"], manifest["size"], cfg.model,
@@ -45,7 +43,7 @@ def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, 
     if trajectory is not None:
         reader = TrajectoryReader(storage, trajectory)
         load_flat_(embedder, reader.snapshot(reader.num_snapshots - 1))
-    generator = torch.Generator().manual_seed(cfg.run.seed + draw)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
     return select_coreset(method, lambda c: load_class(storage, cache_uri, cfg.data.train_split, c), classes, k,
                           embedder, resolve_device(cfg.run.device), generator)
 
@@ -53,12 +51,23 @@ def coreset(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, 
 def coreset_sources(cfg: Config, storage: Storage, cache_uri: str, method: str, k: int, trajectory: str | None
                     ) -> tuple[list[TensorSource], float, int]:
     """(training sets, storage MB, clips) of a coreset row. Random selection gets a fresh draw per evaluation
-    network, so its row is the expected accuracy of picking `k` clips at random (one draw's luck moves it by
-    several points at one clip per class); a deterministic method gets one set."""
-    draws = cfg.evaluate.num_eval if method == "random" else 1
-    subsets = [coreset(cfg, storage, cache_uri, method, k, trajectory, draw) for draw in range(draws)]
-    return ([TensorSource(s.videos, s.labels) for s in subsets], storage_mb(subsets[0].videos, as_float32=True),
-            len(subsets[0].labels))
+    network (draw i from seed `run.seed + i`), so its row is the expected accuracy of picking `k` clips at random
+    (one draw's luck moves it by several points at one clip per class); each class is read once for all draws.
+    A deterministic method gets one set."""
+    if method != "random":
+        subset = coreset(cfg, storage, cache_uri, method, k, trajectory)
+        return ([TensorSource(subset.videos, subset.labels)], storage_mb(subset.videos, as_float32=True),
+                len(subset.labels))
+    classes = read_manifest(storage, cache_uri)["classes"]
+    generators = [torch.Generator().manual_seed(cfg.run.seed + draw) for draw in range(cfg.evaluate.num_eval)]
+    picks: list[list[torch.Tensor]] = [[] for _ in generators]
+    for c in range(len(classes)):
+        members = load_class(storage, cache_uri, cfg.data.train_split, c)
+        for picked, generator in zip(picks, generators):
+            picked.append(members[random_choice(len(members), k, generator)].clone())
+    labels = torch.arange(len(classes)).repeat_interleave(k)
+    sets = [torch.cat(picked) for picked in picks]
+    return [TensorSource(videos, labels) for videos in sets], storage_mb(sets[0], as_float32=True), len(labels)
 
 
 def _training_sets(ctx: RunContext, cache: str, distilled: list[tuple[str, Stage]], embedder: Stage | None
