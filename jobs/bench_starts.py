@@ -25,44 +25,42 @@ import torch  # noqa: E402
 
 from vdistill.config import load_config  # noqa: E402
 from vdistill.coordinator import connect_ray, run_pipeline  # noqa: E402
+from vdistill.coreset import select_coreset  # noqa: E402
 from vdistill.data.clips import ClipSet, load_split  # noqa: E402
 from vdistill.data.pixels import to_model_input  # noqa: E402
+from vdistill.distill.synset import real_residuals  # noqa: E402
 from vdistill.evaluate import EpochSource, TensorSource, eval_seeds, train_and_test  # noqa: E402
 from vdistill.storage import Storage  # noqa: E402
 
 Start = Callable[[ClipSet, torch.Generator], EpochSource]
 
 
-def draw(train: ClipSet, n: int, generator: torch.Generator) -> torch.Tensor:
-    """`n` random clips of every class, class-major, uint8."""
-    picks = []
-    for c in range(len(train.classes)):
-        clips = train.class_clips(c)
-        picks.append(clips[torch.randperm(len(clips), generator=generator)[:n]])
-    return torch.cat(picks)
-
-
-def labels(train: ClipSet, n: int) -> torch.Tensor:
-    return torch.arange(len(train.classes)).repeat_interleave(n)
+def draw(train: ClipSet, n: int, generator: torch.Generator) -> ClipSet:
+    """`n` random clips of every class, class-major (the random coreset)."""
+    return select_coreset("random", train.class_clips, train.classes, n, None, "cpu", generator)
 
 
 def real(n: int) -> Start:
-    return lambda train, g: TensorSource(draw(train, n, g), labels(train, n))
+    def make(train: ClipSet, g: torch.Generator) -> EpochSource:
+        picked = draw(train, n, g)
+        return TensorSource(picked.videos, picked.labels)
+    return make
 
 
 def grayscale(n: int) -> Start:
     def make(train: ClipSet, g: torch.Generator) -> EpochSource:
-        x = to_model_input(draw(train, n, g))
-        return TensorSource(x.mean(2, keepdim=True).expand_as(x).contiguous(), labels(train, n))
+        picked = draw(train, n, g)
+        x = to_model_input(picked.videos)
+        return TensorSource(x.mean(2, keepdim=True).expand_as(x).contiguous(), picked.labels)
     return make
 
 
 def own_motion(n: int) -> Start:
     """Each clip as its temporal mean (a colour still) plus its own grayscale residual: what S2D stores, paired."""
     def make(train: ClipSet, g: torch.Generator) -> EpochSource:
-        x = to_model_input(draw(train, n, g))
-        still = x.mean(1, keepdim=True)
-        return TensorSource(still + (x - still).mean(2, keepdim=True), labels(train, n))
+        picked = draw(train, n, g)
+        still = to_model_input(picked.videos).mean(1, keepdim=True)
+        return TensorSource(still + real_residuals(picked.videos), picked.labels)
     return make
 
 
@@ -71,10 +69,9 @@ class RandomPairing:
     class; every epoch each class's video is a random still plus a random residual."""
 
     def __init__(self, train: ClipSet, g: torch.Generator) -> None:
-        stills = to_model_input(draw(train, 2, g))
+        stills = to_model_input(draw(train, 2, g).videos)
         self.stills = stills[torch.arange(len(stills)), torch.randint(stills.shape[1], (len(stills),), generator=g)]
-        motion = to_model_input(draw(train, 2, g))
-        self.residuals = (motion - motion.mean(1, keepdim=True)).mean(2, keepdim=True)
+        self.residuals = real_residuals(draw(train, 2, g).videos)
         self.classes = len(train.classes)
 
     def __call__(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
