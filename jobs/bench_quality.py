@@ -78,7 +78,7 @@ ABLATION_ROWS = [
     Row("DM+S2D, dynamic memory zeroed", (), "dynamic-dm", zero_dynamics),
     Row("DM+S2D, dynamics shuffled across classes", (), "dynamic-dm", shuffle_dynamics),
     Row("MTT+S2D, dynamics shuffled across classes", (), "dynamic-mtt", shuffle_dynamics),
-    Row("DM+S2D, iteration 0 (real motion on real frames, nothing distilled)",
+    Row("DM+S2D, iteration 0 (real clips on real frames, nothing distilled)",
         ("static.iterations=0", dm(iterations=0)), "dynamic-dm"),
     Row("DM+S2D, statics = real frames (static.iterations=0)", ("static.iterations=0",), "dynamic-dm"),
     Row("DM+S2D, paper init (randn dynamics, default integrator)", (dm(init="randn", integrator_init="default"),),
@@ -88,13 +88,22 @@ ABLATION_ROWS = [
     Row("DM+S2D, 1,000 iterations", (dm(iterations=1000),), "dynamic-dm"),
 ]
 STEP_ROWS = [  # what the step size of the memories does (METHOD.md 5.1a)
-    Row("DM+S2D, iteration 0 (real motion on real frames, nothing distilled)",
+    Row("DM+S2D, iteration 0 (real clips on real frames, nothing distilled)",
         ("static.iterations=0", dm(iterations=0)), "dynamic-dm"),
     Row("DM+S2D, lr_dynamic 0.001", (dm(lr_dynamic=0.001),), "dynamic-dm"),
     Row("MTT+S2D, lr_dynamic 0.001", ("dynamic.lr_dynamic=0.001",), "dynamic-mtt"),
 ]
+PAPER_LAYOUT = ("dynamic.statics_per_slot=2", "dynamic.dynamics_per_slot=2", "dynamic.scale=1",
+                "dynamic.slots_per_video=1", "dynamic.init=real")
+LAYOUT_ROWS = [  # what the layout of METHOD.md 5.2a adds over the paper's, both started from real clips
+    Row("DM+S2D, iteration 0 (8 half-size real clips on real frames, nothing distilled)",
+        ("static.iterations=0", dm(iterations=0)), "dynamic-dm"),
+    Row("DM+S2D, paper layout (2 stills x 2 full-size real motions)", PAPER_LAYOUT, "dynamic-dm"),
+    Row("MTT+S2D, paper layout (2 stills x 2 full-size real motions)", PAPER_LAYOUT, "dynamic-mtt"),
+]
 FULL_ROW = Row("full training set", (), "full")
-GROUPS = {"base": BASE_ROWS, "ablations": ABLATION_ROWS, "steps": STEP_ROWS, "full": [FULL_ROW]}
+GROUPS = {"base": BASE_ROWS, "ablations": ABLATION_ROWS, "steps": STEP_ROWS, "layout": LAYOUT_ROWS,
+          "full": [FULL_ROW]}
 
 
 def base_config(args: argparse.Namespace, overrides: tuple[str, ...]) -> Config:

@@ -93,7 +93,7 @@ def _distill_worker(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
     with ClassSampler(Storage(), spec["cache"], "train", memory_mb=cfg.cache.sampler_mb) as sampler:
         c, t, size = sampler.num_classes, sampler.manifest["frames"], sampler.manifest["size"]
-        layout = SlotLayout.from_config(c, cfg.dynamic)
+        layout = SlotLayout.from_config(c, cfg.dynamic, t)
         stills = init_static_memory(layout, size, "real", generator, sampler.sample)
         snapshot = None
         if spec["stage"] == "static-dm":

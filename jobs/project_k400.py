@@ -65,7 +65,7 @@ def loop_flops(cfg, method: str, classes: int, *, static: bool = False, batch_sy
     t, size, g = cfg.decode.frames, cfg.decode.size, torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (classes, 4, t, size, size, 3), dtype=torch.uint8, generator=g)
     sample_real = lambda c, n, gen: real[c, torch.randint(4, (n,), generator=gen)]  # noqa: E731
-    layout = SlotLayout.from_config(classes, cfg.dynamic)
+    layout = SlotLayout.from_config(classes, cfg.dynamic, t)
     if static:
         stills = torch.randn(classes * layout.spc, 3, size, size)
         synset, recipe = PixelSet(stills, classes), Recipe.static(cfg.static.model_copy(update={"iterations": 1}),

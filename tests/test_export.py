@@ -35,9 +35,8 @@ def _s2d_tensors(seed: int = 0) -> dict:
 
 
 def _export_s2d(storage: Storage, uri: str, previews: bool = False, **tensors) -> dict:
-    return export_s2d(storage, uri, **(tensors or _s2d_tensors()), vpc=VPC, statics_per_slot=SPS,
-                      dynamics_per_slot=DPS, classes=CLASSES, syn_lr=0.02, config_hash="abc123",
-                      metrics={"top1": 0.4}, previews=previews)
+    return export_s2d(storage, uri, **(tensors or _s2d_tensors()), layout=SlotLayout(C, VPC, SPS, DPS),
+                      classes=CLASSES, syn_lr=0.02, config_hash="abc123", metrics={"top1": 0.4}, previews=previews)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,46 +56,47 @@ def _integrate(tensors: dict, s_idx: int, label: int, d_idx: int) -> torch.Tenso
                           tensors["dynamic_memory"][label, d_idx : d_idx + 1])[0]
 
 
-def test_s2d_artifact_loads_one_class_major_video_per_slot(where):
+def test_s2d_artifact_loads_one_class_major_video_per_dynamic_clip(where):
     storage, uri = where
     _export_s2d(storage, uri)
     ds = load_distilled(uri, storage)
-    assert len(ds) == C * VPC
-    assert [ds[i][1] for i in range(len(ds))] == [0, 0, 1, 1, 2, 2]
+    assert len(ds) == C * VPC * DPS
+    assert [ds[i][1] for i in range(len(ds))] == [c for c in range(C) for _ in range(VPC * DPS)]
     assert ds[0][0].shape == (T, 3, S, S) and ds[0][0].dtype == torch.float32
     assert ds.classes == CLASSES and ds.syn_lr == pytest.approx(0.02)
     assert ds.meta["metrics"] == {"top1": 0.4} and ds.meta["config_hash"] == "abc123"
-    assert ds.meta["layout"] == {"vpc": VPC, "statics_per_slot": SPS, "dynamics_per_slot": DPS, "spc": SPS * VPC,
-                                 "dpc": DPS * VPC, "num_slots": C * VPC}
+    assert ds.meta["layout"] == {"num_classes": C, "vpc": VPC, "statics_per_slot": SPS, "dynamics_per_slot": DPS,
+                                 "scale": 1, "slots_per_video": 1, "spc": SPS * VPC, "dpc": DPS * VPC, "num_slots": C * VPC,
+                                 "num_items": C * DPS * VPC}
 
 
-def test_fixed_pairing_video_is_the_integrator_of_its_owned_static_and_dynamic(tmp_path):
+def test_fixed_pairing_video_is_the_integrator_of_its_dynamic_clip_and_a_still_of_its_slot(tmp_path):
     tensors = _s2d_tensors()
     _export_s2d(Storage(), str(tmp_path), **tensors)
     ds = load_distilled(str(tmp_path), pairing="fixed", seed=3)
-    for slot in range(len(ds)):
-        label, within = divmod(slot, VPC)
-        s_idx, d_idx = (int(x) for x in ds.pairs(torch.tensor([slot]), torch.Generator()))
+    for item in range(len(ds)):
+        label, d_idx = divmod(item, DPS * VPC)
+        within = d_idx // DPS
+        s_idx = int(ds.statics_for(torch.tensor([item]), torch.Generator()))
         assert SPS * VPC * label + SPS * within <= s_idx < SPS * VPC * label + SPS * (within + 1)
-        assert DPS * within <= d_idx < DPS * (within + 1)
-        video, _ = ds[slot]
+        video, _ = ds[item]
         torch.testing.assert_close(video, _integrate(tensors, s_idx, label, d_idx))
-        torch.testing.assert_close(ds[slot][0], video)  # fixed: the same video on every access
+        torch.testing.assert_close(ds[item][0], video)  # fixed: the same video on every access
 
 
 def test_random_pairing_redraws_within_the_slot_on_each_access_reproducibly(tmp_path):
     tensors = _s2d_tensors()
     _export_s2d(Storage(), str(tmp_path), **tensors)
-    slot = 3
-    label, within = divmod(slot, VPC)
+    item = 7
+    label, d = divmod(item, DPS * VPC)
+    within = d // DPS
     candidates = {(s, d): _integrate(tensors, s, label, d)
-                  for s in range(SPS * VPC * label + SPS * within, SPS * VPC * label + SPS * (within + 1))
-                  for d in range(DPS * within, DPS * (within + 1))}
+                  for s in range(SPS * VPC * label + SPS * within, SPS * VPC * label + SPS * (within + 1))}
 
     def drawn(ds) -> list[tuple[int, int]]:
         out = []
         for _ in range(24):
-            video = ds[slot][0]
+            video = ds[item][0]
             out.append(next(k for k, v in candidates.items() if torch.allclose(v, video, atol=1e-5)))
         return out
 
@@ -110,7 +110,7 @@ def test_s2d_storage_is_accounted_per_component_against_the_pixel_baseline(tmp_p
     g = torch.Generator().manual_seed(0)
     meta = export_s2d(Storage(), str(tmp_path), static_memory=torch.randn(2 * 2, 3, size, size, generator=g),
                       dynamic_memory=torch.randn(2, 2, frames, 1, size, size, generator=g),
-                      integrator_state=Integrator().state_dict(), vpc=1, statics_per_slot=2, dynamics_per_slot=2,
+                      integrator_state=Integrator().state_dict(), layout=SlotLayout(2, 1, 2, 2),
                       classes=["a", "b"], previews=False)
     storage = meta["storage"]
     assert storage["static_mb"] == pytest.approx(2 * 2 * 3 * size * size * 4 / 1e6)
@@ -122,14 +122,14 @@ def test_s2d_storage_is_accounted_per_component_against_the_pixel_baseline(tmp_p
     assert storage["ratio_to_baseline"] == pytest.approx((6 + 2 * frames) / (3 * frames), abs=2e-3)
 
 
-def test_artifact_regenerates_the_videos_the_set_trains_on(tmp_path):
-    layout = SlotLayout(C, VPC, SPS, DPS)
+@pytest.mark.parametrize("scale", [1, 2])
+def test_artifact_regenerates_the_videos_the_set_trains_on(tmp_path, scale):
+    layout = SlotLayout(C, VPC, SPS, DPS, scale)
     g = torch.Generator().manual_seed(0)
     synset = S2DSet.create(layout, torch.randn(C * layout.spc, 3, S, S, generator=g), T, g)
     t = synset.state_tensors()
     export_s2d(Storage(), str(tmp_path), static_memory=t["static_memory"], dynamic_memory=t["dynamic_memory"],
-               integrator_state=synset.integrator.state_dict(), vpc=VPC, statics_per_slot=SPS,
-               dynamics_per_slot=DPS, classes=CLASSES, previews=False)
+               integrator_state=synset.integrator.state_dict(), layout=layout, classes=CLASSES, previews=False)
     videos, labels = load_distilled(str(tmp_path))(torch.Generator().manual_seed(4))
     expected, expected_labels = synset.all_videos(torch.Generator().manual_seed(4))
     assert torch.equal(videos, expected.detach()) and torch.equal(labels, expected_labels)
@@ -166,13 +166,14 @@ def test_whole_set_call_is_an_epoch_source_that_repairs_per_generator(tmp_path):
     ds = load_distilled(str(tmp_path))
     videos, labels = ds(torch.Generator().manual_seed(1))
     again, _ = ds(torch.Generator().manual_seed(1))
-    assert videos.shape == (C * VPC, T, 3, S, S) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert videos.shape == (C * VPC * DPS, T, 3, S, S)
+    assert labels.tolist() == [c for c in range(C) for _ in range(VPC * DPS)]
     torch.testing.assert_close(videos, again)
 
 
 def test_top_level_load_distilled_opens_an_artifact(tmp_path):
     _export_s2d(Storage(), str(tmp_path))
-    assert len(vdistill.load_distilled(str(tmp_path), pairing="fixed")) == C * VPC
+    assert len(vdistill.load_distilled(str(tmp_path), pairing="fixed")) == C * VPC * DPS
 
 
 def test_folder_without_meta_is_rejected_as_unfinished(tmp_path):

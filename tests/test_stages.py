@@ -167,7 +167,7 @@ def test_evaluation_hook_gets_a_source_every_eval_every_and_at_the_end():
         calls.append((iteration, videos.shape[0]))
 
     run_dynamic("dm", s2d_set(vpc=2), class_sampler(), dyn_cfg(iterations=5, eval_every=2), on_eval=on_eval)
-    assert calls == [(2, 6), (4, 6), (5, 6)]
+    assert calls == [(2, 12), (4, 12), (5, 12)]  # 3 classes x 2 slots x 2 dynamic clips
 
 
 @pytest.mark.parametrize("method", ["dm", "dc", "mtt"])

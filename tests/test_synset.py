@@ -35,8 +35,30 @@ def make_set(vpc: int = 2, train_static: bool = False, seed: int = 0) -> S2DSet:
 
 
 def test_paper_layout_owns_two_statics_and_two_dynamics_per_slot():
-    layout = SlotLayout.from_config(10, DynamicConfig(vpc=5))
-    assert (layout.spc, layout.dpc, layout.num_slots) == (10, 10, 50)
+    layout = SlotLayout.from_config(10, DynamicConfig(vpc=5, statics_per_slot=2, dynamics_per_slot=2, scale=1), 16)
+    assert (layout.spc, layout.dpc, layout.num_slots, layout.num_items) == (10, 10, 50, 100)
+
+
+@pytest.mark.parametrize("frames, scale, statics, dynamics, slots", [(8, 2, 1, 1, 8), (16, 2, 1, 1, 10),
+                                                                     (8, 1, 1, 1, 2), (8, 2, 2, 2, 4), (16, 1, 2, 2, 1)])
+def test_default_layout_fills_one_videos_storage_with_as_many_slots_as_fit(frames, scale, statics, dynamics,
+                                                                            slots):
+    cfg = DynamicConfig(vpc=2, scale=scale, statics_per_slot=statics, dynamics_per_slot=dynamics)
+    layout = SlotLayout.from_config(C, cfg, frames)
+    assert layout.slots_per_video == slots and layout.num_slots == C * 2 * slots
+    size = 16
+    small = size // scale
+
+    def ratio(slots_per_class: int) -> float:
+        return s2d_storage(C * slots_per_class * statics * 3 * small**2, C * slots_per_class * dynamics * frames
+                           * small**2, 0, num_classes=C, vpc=2, frames=frames, size=size)["ratio_to_baseline"]
+
+    assert ratio(layout.slots_per_class) <= 1.0 < ratio(layout.slots_per_class + 2)  # 2 more slots do not fit
+
+
+def test_a_slot_larger_than_a_video_is_refused_naming_the_keys():
+    with pytest.raises(ValueError, match="dynamic.statics_per_slot"):
+        SlotLayout.from_config(C, DynamicConfig(statics_per_slot=8, dynamics_per_slot=2, scale=1), 8)
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -57,22 +79,39 @@ def test_static_memory_of_the_wrong_size_is_rejected_naming_the_keys():
                make_set().integrator, torch.tensor(0.01))
 
 
-def test_materialize_gives_videos_and_class_major_labels():
-    synset = make_set(vpc=2)
+def test_materialize_gives_a_video_per_dynamic_clip_and_class_major_labels():
+    synset = make_set(vpc=2)  # 2 dynamic clips per slot: 4 videos per class
     videos, labels = synset.all_videos(torch.Generator().manual_seed(1))
-    assert videos.shape == (C * 2, T, 3, SIZE, SIZE)
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert videos.shape == (C * 4, T, 3, SIZE, SIZE)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_pairing_never_leaves_the_slot_and_uses_every_owned_item():
+def test_every_item_takes_a_still_of_its_own_slot_and_every_still_is_used():
     layout = SlotLayout(C, vpc=3, statics_per_slot=2, dynamics_per_slot=3)
-    slots = torch.arange(layout.num_slots).repeat(200)
-    static_idx, dynamic_idx = layout.draw_pairing(slots, torch.Generator().manual_seed(0))
-    label, slot = slots // 3, slots % 3
+    items = torch.arange(layout.num_items).repeat(200)
+    static_idx = layout.draw_statics(items, torch.Generator().manual_seed(0))
+    label, slot = items // layout.dpc, (items % layout.dpc) // 3
     assert torch.equal(static_idx // 2, label * 3 + slot)
-    assert torch.equal(dynamic_idx // 3, slot)
     assert set(static_idx.tolist()) == set(range(C * layout.spc))
-    assert set(dynamic_idx.tolist()) == set(range(layout.dpc))
+
+
+def test_memories_at_half_size_make_full_size_videos_and_clip_start_is_the_clips_luminance():
+    """scale 2 + init clip + residual integrator: iteration 0's video i is real clip i in grayscale at half size,
+    upsampled, plus the still's colour offset: its luminance is exactly the clip's (METHOD.md 5.2a)."""
+    layout = SlotLayout(C, 1, statics_per_slot=1, dynamics_per_slot=3, scale=2)
+    g = torch.Generator().manual_seed(0)
+    sample = class_sampler()
+    stills = init_static_memory(layout, SIZE, "real", g, sample)
+    synset = S2DSet.create(layout, stills, T, g, integrator_init="residual", dynamic_init="clip", sample_real=sample)
+    assert synset.static_memory.shape[-1] == synset.dynamic_memory.shape[-1] == SIZE // 2
+    g_clips = torch.Generator().manual_seed(0)
+    init_static_memory(layout, SIZE, "real", g_clips, sample)  # replay the draws up to the dynamic memory's
+    videos, labels = synset.all_videos(torch.Generator().manual_seed(1))
+    assert videos.shape == (C * 3, T, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    luma = videos.mean(2)
+    for c in range(C):
+        clips = to_model_input(sample(c, 3, g_clips)).mean(2, keepdim=True)  # (3, T, 1, H, W): no detail to lose
+        assert torch.allclose(luma[3 * c:3 * c + 3], clips[:, :, 0], atol=1e-5)
 
 
 def test_replaying_a_generator_state_replays_the_pairing():
@@ -130,7 +169,7 @@ def test_evaluation_source_pickles_and_repairs_on_every_call_without_graph():
     first, labels = source(g)
     second, _ = source(g)
     assert not first.requires_grad
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert not torch.equal(first, second)
     expected, _ = synset.all_videos(torch.Generator().manual_seed(0))
     assert torch.allclose(first, expected.detach())

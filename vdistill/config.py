@@ -200,9 +200,17 @@ class StaticConfig(_Section):
 
 class DynamicConfig(_Section):
     method: Literal["dm", "mtt"] = "mtt"
-    vpc: int = Field(1, ge=1, description="synthetic videos per class")
-    statics_per_slot: int = Field(2, ge=1)
-    dynamics_per_slot: int = Field(2, ge=1)
+    vpc: int = Field(1, ge=1, description="storage budget: the storage of this many real videos per class (the "
+                     "baselines hold vpc videos per class)")
+    statics_per_slot: int = Field(1, ge=1, description="still images per slot; a video draws one (the paper: 2)")
+    dynamics_per_slot: int = Field(1, ge=1, description="dynamic clips per slot, each a video of every epoch "
+                                   "(the paper: 2)")
+    scale: int = Field(
+        2, ge=1, description="the memories are stored this many times smaller than the videos and upsampled when a "
+        "video is made: more, smaller clips in the same storage (METHOD.md 5.2a; the paper: 1)")
+    slots_per_video: int = Field(
+        0, ge=0, description="slots per vpc (per real video's storage); 0 = as many as fit (8 at 8 frames, scale 2, "
+        "1 still + 1 clip a slot; the paper: 1)")
     iterations: int = Field(100, ge=0)
     optimizer: Optimizer = Field("adam", description=OPTIMIZER_HELP)
     lr_dynamic: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 1e4 (MTT) "
@@ -212,9 +220,11 @@ class DynamicConfig(_Section):
         "residual", description="default = PyTorch init (paper); identity = the tiled still image plus a faint "
         "random trace of the dynamic clip; residual = still image + dynamic clip on every channel"
     )
-    init: Literal["randn", "real"] = Field(
-        "real", description="dynamic memory start: randn (paper) or real = temporal residuals of random real clips "
-        "(with integrator_init=residual every video starts as real motion on a still; measured better on real footage)")
+    init: Literal["randn", "real", "clip"] = Field(
+        "clip", description="dynamic memory start: randn (paper); real = temporal residuals of random real clips (with "
+        "integrator_init=residual a video starts as real motion on a still); clip = random real clips' luminance "
+        "relative to their slot's stills (with integrator_init=residual a video starts as that clip in grayscale, "
+        "coloured by the still; METHOD.md 5.2a)")
     momentum: float = Field(0.95, ge=0, lt=1, description="sgd only")
     train_static: bool = False
     lr_static: float = Field(0.01, gt=0, description="adam: step in normalised pixels; sgd: the paper's 100")
@@ -226,7 +236,8 @@ class DynamicConfig(_Section):
     train_lr: bool = True
     lr_lr: float = Field(1e-5, gt=0)
     min_syn_lr: float = Field(1e-3, gt=0)
-    batch_syn: int = Field(0, ge=0, description="0 = all C*vpc synthetic videos per student step")
+    batch_syn: int = Field(0, ge=0, description="synthetic videos per MTT student step; 0 = C*vpc (one per slot, "
+                           "the paper's batch), drawn from all C*dpc without replacement across steps")
     mtt_mode: Literal["constant", "unrolled"] = Field("constant", description="memory-constant (TESLA) or unrolled")
     checkpoint_every: int = Field(25, ge=1)
     eval_every: int = Field(0, ge=0, description="test-split evaluations during the stage, logged only (0 = none); "
@@ -284,7 +295,8 @@ class TrackingConfig(_Section):
     experiment: str = "vdistill"
 
 
-_SHARED_LAYOUT = {"vpc", "statics_per_slot", "method"}  # every S2D method shares the static stage's layout
+# every S2D method shares the static stage's layout (how many stills per class, at which size)
+_SHARED_LAYOUT = {"vpc", "statics_per_slot", "dynamics_per_slot", "scale", "slots_per_video", "method"}
 
 
 class Config(_Section):

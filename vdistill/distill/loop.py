@@ -106,9 +106,11 @@ def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
     return loss_fn
 
 
-def _mtt_loss_fn(synset: SyntheticSet, num_items: int, snapshot: SnapshotReader, build_student: Callable[[], nn.Module],
-                 mtt: DynamicConfig, dtype: torch.dtype, device: torch.device) -> LossFn:
-    """MTT: next expert from the cursor, random start epoch in [0, max_start_epoch), `syn_steps` student steps."""
+def _mtt_loss_fn(synset: SyntheticSet, num_items: int, batch: int, snapshot: SnapshotReader,
+                 build_student: Callable[[], nn.Module], mtt: DynamicConfig, dtype: torch.dtype, device: torch.device
+                 ) -> LossFn:
+    """MTT: next expert from the cursor, random start epoch in [0, max_start_epoch), `syn_steps` student steps of
+    `batch` of the `num_items` synthetic videos."""
     objective = MTT_MODES[mtt.mtt_mode]
     # Only the architecture matters (weights come from the flat vectors); seeded so the global RNG is not consumed.
     student = seeded(0, build_student).to(device=device, dtype=dtype).train()
@@ -119,7 +121,7 @@ def _mtt_loss_fn(synset: SyntheticSet, num_items: int, snapshot: SnapshotReader,
         start = snapshot(expert, start_epoch).to(device=device, dtype=dtype)
         target = snapshot(expert, start_epoch + mtt.expert_epochs).to(device=device, dtype=dtype)
         _check_trajectory(expert, start_epoch, start_epoch + mtt.expert_epochs, start, target)
-        plan = mtt_plan(num_items, mtt.syn_steps, mtt.batch_syn, generator)
+        plan = mtt_plan(num_items, mtt.syn_steps, batch, generator)
         return objective(student, start, target, synset.syn_lr, synset.materialize, plan, synset.leaves())
 
     return loss_fn
@@ -218,15 +220,19 @@ class Recipe:
 def _network(synset: SyntheticSet, num_classes: int, model_cfg: ModelConfig | None) -> Callable[[], nn.Module]:
     """The architecture the objective trains: ConvNet2D for still images `(N, 3, H, W)`, else ConvNet3D."""
     if isinstance(synset, S2DSet):
-        return lambda: build_model("convnet3d", num_classes, synset.frames, synset.static_memory.shape[-1], model_cfg)
+        return lambda: build_model("convnet3d", num_classes, synset.frames, synset.size, model_cfg)
     videos = synset.videos
     if videos.dim() == 4:
         return lambda: build_model("convnet2d", num_classes, 1, videos.shape[-1], model_cfg)
     return lambda: build_model("convnet3d", num_classes, videos.shape[1], videos.shape[-1], model_cfg)
 
 
-def _num_items(synset: SyntheticSet) -> int:
-    return synset.layout.num_slots if isinstance(synset, S2DSet) else synset.num_slots
+def _items(synset: SyntheticSet, batch_syn: int) -> tuple[int, int]:
+    """(items MTT draws its student batches from, items per student step): `batch_syn` 0 is one item per slot,
+    the paper's batch, whatever the number of dynamic clips a slot holds."""
+    if isinstance(synset, S2DSet):
+        return synset.layout.num_items, batch_syn or synset.layout.num_slots
+    return synset.num_slots, batch_syn or synset.num_slots
 
 
 def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, build: Callable[[], nn.Module],
@@ -235,7 +241,7 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
     if recipe.method == "mtt":
         if snapshot is None:
             raise ValueError("method mtt needs expert trajectories: pass `snapshot` and `expert_ids`")
-        return _mtt_loss_fn(synset, _num_items(synset), snapshot, build, recipe.mtt, dtype, device)
+        return _mtt_loss_fn(synset, *_items(synset, recipe.mtt.batch_syn), snapshot, build, recipe.mtt, dtype, device)
     if recipe.method not in PER_CLASS_OBJECTIVES or (recipe.method == "dc" and not recipe.frames_only):
         raise ValueError(f"{recipe.name}: unknown method {recipe.method!r}")
 

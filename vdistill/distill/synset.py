@@ -1,9 +1,12 @@
 """The synthetic set: static memory + dynamic memory + integrator -> videos, and the plain pixel set of the baselines.
 
-A *slot* is one synthetic video per class position (`C * vpc` slots, class-major). Slot `k` belongs to class
-`k // vpc` and owns `statics_per_slot` static images and `dynamics_per_slot` dynamic clips; every time a video is
-materialised one of each is drawn at random (METHOD.md 5.2). The original hard-wires 2 and 2 (METHOD.md W-7); here the
-layout is explicit and validated, with 2/2 as the paper preset.
+`vpc` is the storage budget (real videos per class). A *slot* is one of the `C * vpc * slots_per_video` class
+positions (class-major); it owns `statics_per_slot` static images and `dynamics_per_slot` dynamic clips. An *item*
+is one dynamic clip: the set has `C * dpc` items, and item `k` becomes a video with one of its slot's statics drawn
+at random (METHOD.md 5.2), so that every stored clip is a video of every epoch. The memories may be stored at
+`1/scale` of the clip size and are upsampled when a video is made (METHOD.md 5.2a: more, smaller clips in the
+same storage). The original hard-wires one slot per video with 2 and 2 at full size (METHOD.md W-7); here the
+layout is explicit and validated, and that is the paper preset.
 
 `S2DSet` and `PixelSet` are the trainable sets; `.source()` freezes one into a picklable `FrozenS2DSet` /
 `FrozenPixelSet` for evaluation, which `vdistill.export` extends into its Datasets, so that training, evaluation
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from vdistill.data.pixels import to_model_input
 from vdistill.models import Integrator, seeded
@@ -28,61 +32,101 @@ BYTES_PER_FLOAT = 4  # storage is accounted in fp32 like the paper (METHOD.md 5.
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """How many statics / dynamics each of the `num_classes * vpc` slots owns; `spc`/`dpc` are per class."""
+    """`vpc` is the storage budget (that many real videos per class); it holds `vpc * slots_per_video` slots per
+    class, each owning `statics_per_slot` stills and `dynamics_per_slot` dynamic clips (`spc`/`dpc` per class),
+    stored `scale` times smaller than the videos they make."""
 
     num_classes: int
     vpc: int
     statics_per_slot: int = PAPER_SLOT_PAIRING
     dynamics_per_slot: int = PAPER_SLOT_PAIRING
+    scale: int = 1
+    slots_per_video: int = 1
 
     def __post_init__(self) -> None:
         for key, value in (("num_classes", self.num_classes), ("dynamic.vpc", self.vpc),
                            ("dynamic.statics_per_slot", self.statics_per_slot),
-                           ("dynamic.dynamics_per_slot", self.dynamics_per_slot)):
+                           ("dynamic.dynamics_per_slot", self.dynamics_per_slot), ("dynamic.scale", self.scale),
+                           ("dynamic.slots_per_video", self.slots_per_video)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer (got {value!r})")
 
     @classmethod
-    def from_config(cls, num_classes: int, dynamic_cfg) -> "SlotLayout":
-        """From a DynamicConfig (`vpc`, `statics_per_slot`, `dynamics_per_slot`)."""
-        return cls(num_classes, dynamic_cfg.vpc, dynamic_cfg.statics_per_slot, dynamic_cfg.dynamics_per_slot)
+    def from_config(cls, num_classes: int, dynamic_cfg, frames: int) -> "SlotLayout":
+        """From a DynamicConfig (`vpc`, `statics_per_slot`, `dynamics_per_slot`, `scale`, `slots_per_video`);
+        `slots_per_video: 0` is as many slots as fit in one real video's storage (`fitting_slots`)."""
+        slots = dynamic_cfg.slots_per_video or fitting_slots(frames, dynamic_cfg.statics_per_slot,
+                                                             dynamic_cfg.dynamics_per_slot, dynamic_cfg.scale)
+        return cls(num_classes, dynamic_cfg.vpc, dynamic_cfg.statics_per_slot, dynamic_cfg.dynamics_per_slot,
+                   dynamic_cfg.scale, slots)
+
+    @property
+    def slots_per_class(self) -> int:
+        return self.vpc * self.slots_per_video
 
     @property
     def spc(self) -> int:
         """Static images per class."""
-        return self.statics_per_slot * self.vpc
+        return self.statics_per_slot * self.slots_per_class
 
     @property
     def dpc(self) -> int:
         """Dynamic clips per class."""
-        return self.dynamics_per_slot * self.vpc
+        return self.dynamics_per_slot * self.slots_per_class
 
     @property
     def num_slots(self) -> int:
-        return self.num_classes * self.vpc
+        return self.num_classes * self.slots_per_class
 
-    def labels(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.div(slots, self.vpc, rounding_mode="floor")
+    @property
+    def num_items(self) -> int:
+        """Videos the set makes per epoch: one per dynamic clip."""
+        return self.num_classes * self.dpc
 
-    def draw_pairing(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random (static row, dynamic index within the class) for each slot, never leaving the slot.
+    def labels(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.div(items.cpu().long(), self.dpc, rounding_mode="floor")
 
-        `slots` is a CPU LongTensor `(n,)`; returns two CPU LongTensors `(n,)`: static rows index
-        `(C*spc, ...)`, dynamic indices index the `dpc` axis of `(C, dpc, ...)`.
-        """
-        slots = slots.cpu().long()
-        if slots.numel() and (slots.min() < 0 or slots.max() >= self.num_slots):
-            raise IndexError(f"slot indices must lie in [0, {self.num_slots}), got {slots.tolist()}")
-        label, slot = self.labels(slots), slots % self.vpc
-        pick_s = torch.randint(self.statics_per_slot, slots.shape, generator=generator)
-        pick_d = torch.randint(self.dynamics_per_slot, slots.shape, generator=generator)
-        static_idx = self.spc * label + self.statics_per_slot * slot + pick_s
-        dynamic_idx = self.dynamics_per_slot * slot + pick_d
-        return static_idx, dynamic_idx
+    def draw_statics(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """For each item (a CPU LongTensor `(n,)`), a static row of `(C*spc, ...)` drawn among its slot's statics."""
+        items = items.cpu().long()
+        if items.numel() and (items.min() < 0 or items.max() >= self.num_items):
+            raise IndexError(f"item indices must lie in [0, {self.num_items}), got {items.tolist()}")
+        slot = (items % self.dpc) // self.dynamics_per_slot
+        pick = torch.randint(self.statics_per_slot, items.shape, generator=generator)
+        return self.spc * self.labels(items) + self.statics_per_slot * slot + pick
 
     def to_dict(self) -> dict[str, int]:
         return dict(num_classes=self.num_classes, vpc=self.vpc, statics_per_slot=self.statics_per_slot,
-                    dynamics_per_slot=self.dynamics_per_slot)
+                    dynamics_per_slot=self.dynamics_per_slot, scale=self.scale, slots_per_video=self.slots_per_video)
+
+
+def fitting_slots(frames: int, statics_per_slot: int, dynamics_per_slot: int, scale: int) -> int:
+    """Slots that fit in one real video's storage (`3T` planes of the video size):
+    `slots * (3*statics + T*dynamics) / scale^2 <= 3T`. At T = 8, 1 + 1 per slot, scale 2: 8."""
+    slots = 3 * frames * scale * scale // (3 * statics_per_slot + frames * dynamics_per_slot)
+    if slots < 1:
+        raise ValueError(f"dynamic.statics_per_slot={statics_per_slot} and dynamic.dynamics_per_slot="
+                         f"{dynamics_per_slot} at dynamic.scale={scale} take more than one video's storage at "
+                         f"{frames} frames; lower them, raise dynamic.scale, or set dynamic.slots_per_video")
+    return slots
+
+
+def downscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Images `(..., C, H, W)` averaged over `scale x scale` blocks (what a memory at `1/scale` size starts from)."""
+    if scale == 1:
+        return x
+    lead = x.shape[:-3]
+    out = F.avg_pool2d(x.reshape(-1, *x.shape[-3:]), scale)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Images `(..., C, h, w)` -> `(..., C, h*scale, w*scale)`, bilinear; differentiable (memories -> videos)."""
+    if scale == 1:
+        return x
+    lead = x.shape[:-3]
+    out = F.interpolate(x.reshape(-1, *x.shape[-3:]), scale_factor=scale, mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 # ---- storage accounting (the one place for METHOD.md 5.8) --------------------------------------
@@ -140,15 +184,17 @@ def check_memory_shapes(layout: SlotLayout, static_memory: torch.Tensor, dynamic
                          "memories must have the same H, W")
 
 
-def integrate_slots(layout: SlotLayout, static_memory: torch.Tensor, dynamic_memory: torch.Tensor,
-                    integrator: Integrator, slots: torch.Tensor,
-                    pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The in-slot rule (METHOD.md 5.2), shared by training and evaluation: slot -> (its static row, its dynamic
-    clip) as given by `pairs` (from `SlotLayout.draw_pairing`) -> integrator; videos `(n, T, 3, H, W)`."""
-    static_idx, dynamic_idx = pairs
+def integrate_items(layout: SlotLayout, static_memory: torch.Tensor, dynamic_memory: torch.Tensor,
+                    integrator: Integrator, items: torch.Tensor, static_rows: torch.Tensor) -> torch.Tensor:
+    """The rule of METHOD.md 5.2, shared by training and evaluation: item -> (the static row given by
+    `static_rows`, from `SlotLayout.draw_statics`; its own dynamic clip), both upscaled to the video size,
+    -> integrator; videos `(n, T, 3, H, W)`."""
     device = dynamic_memory.device
-    labels = layout.labels(slots.cpu().long())
-    return integrator(static_memory[static_idx.to(device)], dynamic_memory[labels.to(device), dynamic_idx.to(device)])
+    items = items.cpu().long()
+    labels, within = layout.labels(items), items % layout.dpc
+    static = upscale(static_memory[static_rows.to(device)], layout.scale)
+    dynamic = upscale(dynamic_memory[labels.to(device), within.to(device)], layout.scale)
+    return integrator(static, dynamic)
 
 
 def _integrator_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,6 +234,17 @@ def real_residuals(clips: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(dim=1, keepdim=True)).mean(dim=2, keepdim=True)
 
 
+def _dynamic_start(layout: SlotLayout, static: torch.Tensor, c: int, clips: torch.Tensor, init: str) -> torch.Tensor:
+    """Class `c`'s `dpc` dynamic clips `(dpc, T, 1, h, w)` from `dpc` real uint8 clips (see `S2DSet.create`)."""
+    if init == "real":
+        return downscale(real_residuals(clips), layout.scale)
+    luma = downscale(to_model_input(clips, static.device).mean(2, keepdim=True), layout.scale)
+    stills = static[c * layout.spc:(c + 1) * layout.spc].reshape(layout.slots_per_class, layout.statics_per_slot,
+                                                                 *static.shape[1:])
+    slot_luma = stills.mean((1, 2)).unsqueeze(1)  # (slots, 1, h, w): each slot's stills, averaged, in grayscale
+    return luma - slot_luma[torch.arange(layout.dpc) // layout.dynamics_per_slot].unsqueeze(1)
+
+
 class S2DSet:
     """Static memory `(C*spc, 3, H, W)` + dynamic memory `(C, dpc, T, 1, H, W)` + integrator + `syn_lr`.
 
@@ -207,27 +264,38 @@ class S2DSet:
     def create(cls, layout: SlotLayout, static_memory: torch.Tensor, frames: int, generator: torch.Generator,
                syn_lr: float = 0.01, train_static: bool = False, integrator_init: str = "default",
                dynamic_init: str = "randn", sample_real: RealSampler | None = None) -> "S2DSet":
-        """Fresh set around a static memory, integrator seeded from `generator` with `integrator_init`
-        ("default" as in the paper, "identity" or "residual").
+        """Fresh set around a static memory of video-sized stills (stored at `1/layout.scale` of their size),
+        integrator seeded from `generator` with `integrator_init` ("default" as in the paper, "identity" or
+        "residual").
 
-        `dynamic_init="randn"` is the paper's dynamic memory; `"real"` starts each dynamic clip as the
-        temporal residual of a random real clip of its class (`real_residuals`), so that with the
-        "residual" integrator every synthetic video starts as a real clip's motion on a distilled still.
+        `dynamic_init="randn"` is the paper's dynamic memory. `"real"` starts each dynamic clip as the temporal
+        residual of a random real clip of its class (`real_residuals`): with the "residual" integrator a video
+        starts as that clip's motion on a still. `"clip"` starts it as a random real clip's luminance minus the
+        mean luminance of its slot's stills: with the "residual" integrator a video starts as that whole clip in
+        grayscale, coloured by the still (METHOD.md 5.2a).
         """
         size = static_memory.shape[-1]
+        if size % layout.scale:
+            raise ValueError(f"dynamic.scale={layout.scale} must divide the clip size {size}")
+        static = downscale(static_memory, layout.scale)
+        small = size // layout.scale
         if dynamic_init == "randn":
-            dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, size, size, generator=generator,
+            dynamic = torch.randn(layout.num_classes, layout.dpc, frames, 1, small, small, generator=generator,
                                   dtype=static_memory.dtype)
-        elif dynamic_init == "real":
+        elif dynamic_init in ("real", "clip"):
             if sample_real is None:
-                raise ValueError("dynamic.init=real needs a real-clip sampler")
-            dynamic = torch.stack([real_residuals(sample_real(c, layout.dpc, generator))
-                                   for c in range(layout.num_classes)])
+                raise ValueError(f"dynamic.init={dynamic_init} needs a real-clip sampler")
+            dynamic = torch.stack([_dynamic_start(layout, static, c, sample_real(c, layout.dpc, generator),
+                                                  dynamic_init) for c in range(layout.num_classes)])
         else:
-            raise ValueError(f"dynamic.init must be 'randn' or 'real' (got {dynamic_init!r})")
+            raise ValueError(f"dynamic.init must be 'randn', 'real' or 'clip' (got {dynamic_init!r})")
         integrator = seeded(draw_seed(generator), lambda: Integrator(integrator_init))
-        return cls(layout, static_memory, dynamic.to(static_memory.device), integrator,
-                   torch.tensor(syn_lr), train_static)
+        return cls(layout, static, dynamic.to(static.device), integrator, torch.tensor(syn_lr), train_static)
+
+    @property
+    def size(self) -> int:
+        """Height = width of the videos (the memories are `scale` times smaller)."""
+        return self.dynamic_memory.shape[-1] * self.layout.scale
 
     @property
     def frames(self) -> int:
@@ -248,29 +316,29 @@ class S2DSet:
         """Every tensor whose gradient the objectives must deliver (excluding `syn_lr`)."""
         return [t for group in self.trainable().values() for t in group]
 
-    def materialize(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots `(n,)` -> videos `(n, T, 3, H, W)`, labels `(n,)` on the set's device; differentiable.
+    def materialize(self, items: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `(n,)` -> videos `(n, T, 3, H, W)`, labels `(n,)` on the set's device; differentiable.
 
-        The pairing inside each slot is drawn from `generator` (replaying a generator state replays the pairing).
+        Each item's still is drawn from `generator` (replaying a generator state replays the draw).
         """
-        pairs = self.layout.draw_pairing(slots, generator)
-        videos = integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots, pairs)
-        return videos, self.layout.labels(slots.cpu().long()).to(self.device)
+        rows = self.layout.draw_statics(items, generator)
+        videos = integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items, rows)
+        return videos, self.layout.labels(items).to(self.device)
 
     def all_videos(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One video per slot, class-major: `(C*vpc, T, 3, H, W)` and labels."""
-        return self.materialize(torch.arange(self.layout.num_slots), generator)
+        """One video per item, class-major: `(C*dpc, T, 3, H, W)` and labels."""
+        return self.materialize(torch.arange(self.layout.num_items), generator)
 
     def videos_by_class(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Class by class, `(vpc, T, 3, H, W)`, differentiable: what `all_videos` returns, without holding every
-        class's graph at once. Every slot's pairing is drawn first, as `all_videos` draws it, so what the caller
+        """Class by class, `(dpc, T, 3, H, W)`, differentiable: what `all_videos` returns, without holding every
+        class's graph at once. Every item's still is drawn first, as `all_videos` draws it, so what the caller
         draws from `generator` between classes does not change it."""
-        slots = torch.arange(self.layout.num_slots)
-        static_idx, dynamic_idx = self.layout.draw_pairing(slots, generator)
+        items = torch.arange(self.layout.num_items)
+        rows = self.layout.draw_statics(items, generator)
         for c in range(self.layout.num_classes):
-            own = slice(c * self.layout.vpc, (c + 1) * self.layout.vpc)
-            yield integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots[own],
-                                  (static_idx[own], dynamic_idx[own]))
+            own = slice(c * self.layout.dpc, (c + 1) * self.layout.dpc)
+            yield integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items[own],
+                                  rows[own])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Detached copies of everything that defines the set (checkpoints and export)."""
@@ -294,8 +362,8 @@ class S2DSet:
 
 
 class FrozenS2DSet:
-    """A detached S2D set (an `evaluate.EpochSource`): calling it re-pairs every slot and regenerates the whole
-    set without autograd by the training rule (`integrate_slots`), so what is evaluated is what was optimised.
+    """A detached S2D set (an `evaluate.EpochSource`): calling it draws every item's still anew and regenerates the
+    whole set without autograd by the training rule (`integrate_items`), so what is evaluated is what was optimised.
 
     Picklable, so it ships to evaluation tasks; `export.S2DDataset` extends it with the Dataset interface.
     """
@@ -311,21 +379,21 @@ class FrozenS2DSet:
         self.integrator.load_state_dict(integrator_state)
         self.integrator.requires_grad_(False)
         self.layout, self.syn_lr = layout, syn_lr
-        self.labels = layout.labels(torch.arange(layout.num_slots))
+        self.labels = layout.labels(torch.arange(layout.num_items))
 
-    def pairs(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(static rows, dynamic indices within the class) for `slots`, drawn in-slot from `generator`."""
-        return self.layout.draw_pairing(slots, generator)
+    def statics_for(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The static row of each item, drawn among its slot's statics from `generator`."""
+        return self.layout.draw_statics(items, generator)
 
     @torch.no_grad()
-    def materialise(self, slots: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Slot indices `(n,)` -> normalised videos `(n, T, 3, H, W)` on this set's device."""
-        return integrate_slots(self.layout, self.static_memory, self.dynamic_memory, self.integrator, slots,
-                               self.pairs(slots, generator))
+    def materialise(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Item indices `(n,)` -> normalised videos `(n, T, 3, H, W)` on this set's device."""
+        return integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items,
+                               self.statics_for(items, generator))
 
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole set for one epoch: videos `(C*vpc, T, 3, H, W)`, class-major labels `(C*vpc,)`."""
-        return self.materialise(torch.arange(self.layout.num_slots), generator), self.labels.to(self.device)
+        """The whole set for one epoch: videos `(C*dpc, T, 3, H, W)`, class-major labels `(C*dpc,)`."""
+        return self.materialise(torch.arange(self.layout.num_items), generator), self.labels.to(self.device)
 
 
 class PixelSet:
@@ -410,6 +478,6 @@ class FrozenPixelSet:
 
 
 __all__ = ["BYTES_PER_FLOAT", "PAPER_SLOT_PAIRING", "FrozenPixelSet", "FrozenS2DSet", "PixelSet", "RealSampler",
-           "S2DSet", "SlotLayout", "check_memory_shapes", "draw_seed", "fp32_mb", "init_static_memory",
-           "integrate_slots", "pixel_baseline_mb", "pixel_storage", "random_real_frames", "real_residuals",
-           "s2d_storage", "storage_mb"]
+           "S2DSet", "SlotLayout", "check_memory_shapes", "downscale", "draw_seed", "fitting_slots", "fp32_mb",
+           "init_static_memory", "integrate_items", "pixel_baseline_mb", "pixel_storage", "random_real_frames",
+           "real_residuals", "s2d_storage", "storage_mb", "upscale"]

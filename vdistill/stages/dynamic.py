@@ -54,7 +54,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
         pending.append((iteration, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source))))
 
     with ctx.real_clips(cache) as sampler:
-        layout = SlotLayout.from_config(sampler.num_classes, settings)
+        layout = SlotLayout.from_config(sampler.num_classes, settings, sampler.manifest["frames"])
         synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
                                torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
                                train_static=settings.train_static, integrator_init=settings.integrator_init,
@@ -70,8 +70,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
     t = synset.state_tensors()
     uri = ctx.uri(SET_FOLDER)
     meta = export_s2d(ctx.storage, uri, static_memory=t["static_memory"], dynamic_memory=t["dynamic_memory"],
-                      integrator_state=synset.integrator.state_dict(), vpc=layout.vpc,
-                      statics_per_slot=layout.statics_per_slot, dynamics_per_slot=layout.dynamics_per_slot,
+                      integrator_state=synset.integrator.state_dict(), layout=layout,
                       classes=sampler.classes, syn_lr=learned_lr(synset, recipe), config_hash=ctx.input_hash,
                       metrics={"best_during_distillation": best, "validation": record.to_dict()})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,

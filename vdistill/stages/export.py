@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from vdistill.config import Config
+from vdistill.distill.synset import SlotLayout
 from vdistill.export import export_s2d
 from vdistill.stage import RunContext, Stage
 from vdistill.storage import join
@@ -46,8 +47,9 @@ def _export(ctx: RunContext, evaluate: Stage, s2d: dict[str, Stage]) -> dict[str
     uri, layout = artifact_uri(ctx.cfg), meta["layout"]
     meta = export_s2d(storage, uri, static_memory=tensors["static_memory"]["static_memory"],
                       dynamic_memory=tensors["dynamic_memory"]["dynamic_memory"],
-                      integrator_state=tensors["integrator"], vpc=layout["vpc"],
-                      statics_per_slot=layout["statics_per_slot"], dynamics_per_slot=layout["dynamics_per_slot"],
+                      integrator_state=tensors["integrator"],
+                      layout=SlotLayout(len(meta["classes"]), layout["vpc"], layout["statics_per_slot"],
+                                        layout["dynamics_per_slot"], layout["scale"], layout["slots_per_video"]),
                       classes=meta["classes"], syn_lr=meta.get("syn_lr"), config_hash=ctx.input_hash,
                       metrics=metrics)
     storage.write_json(join(uri, "config.json"), ctx.cfg.public_dict())

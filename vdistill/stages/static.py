@@ -17,7 +17,7 @@ from vdistill.stages.experts import snapshot_reader
 
 # What the static stage reads from `dynamic`: the slot layout (how many stills per class) and the checkpoint
 # period, plus, for static.method=mtt, the trajectory-matching settings.
-LAYOUT = ("vpc", "statics_per_slot", "dynamics_per_slot", "checkpoint_every")
+LAYOUT = ("vpc", "statics_per_slot", "dynamics_per_slot", "scale", "slots_per_video", "checkpoint_every")
 MTT = ("syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "mtt_mode", "train_lr", "lr_lr", "min_syn_lr")
 
 
@@ -38,7 +38,7 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     recipe = Recipe.static(cfg.static, cfg.dynamic, cfg.validation)
     device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
     with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
-        layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic)
+        layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
         images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample,
                                     device)
         stills = PixelSet(images, layout.num_classes)
