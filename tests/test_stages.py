@@ -9,7 +9,7 @@ import torch
 from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import dm_loss, random_network
-from vdistill.distill.loop import ExpertCursor, Recipe, distill
+from vdistill.distill.loop import ExpertCursor, Recipe, _items, distill
 from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory
 from vdistill.models import ConvNet2D, ConvNet3D, flat_params
 
@@ -273,3 +273,12 @@ def test_mtt_with_fewer_synthetic_items_per_step_than_the_set_holds_trains_and_r
     resumed = run_dynamic("mtt", s2d_set(vpc=2), class_sampler(), cfg, 1, state=saved[0], **kwargs)
     for name, tensor in straight.state_tensors().items():
         assert torch.equal(tensor, resumed.state_tensors()[name]), name
+
+
+def test_mtt_student_steps_take_the_papers_batch_however_many_clips_the_budget_holds():
+    """batch_syn 0 = C*vpc videos per student step, drawn from all C*dpc stored clips (METHOD.md 5.2)."""
+    layout = SlotLayout(C, 1, statics_per_slot=1, dynamics_per_slot=1, scale=2, slots_per_video=4)
+    g = torch.Generator().manual_seed(0)
+    synset = S2DSet.create(layout, init_static_memory(layout, SIZE, "real", g, class_sampler()), T, g)
+    assert _items(synset, 0) == (C * 4, C)
+    assert _items(synset, 3) == (C * 4, 3)

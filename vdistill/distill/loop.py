@@ -228,10 +228,10 @@ def _network(synset: SyntheticSet, num_classes: int, model_cfg: ModelConfig | No
 
 
 def _items(synset: SyntheticSet, batch_syn: int) -> tuple[int, int]:
-    """(items MTT draws its student batches from, items per student step): `batch_syn` 0 is one item per slot,
-    the paper's batch, whatever the number of dynamic clips a slot holds."""
+    """(items MTT draws its student batches from, items per student step): `batch_syn` 0 is `C * vpc`, the paper's
+    batch, however many clips the set stores in that budget (METHOD.md 5.2)."""
     if isinstance(synset, S2DSet):
-        return synset.layout.num_items, batch_syn or synset.layout.num_slots
+        return synset.layout.num_items, batch_syn or synset.layout.num_classes * synset.layout.vpc
     return synset.num_slots, batch_syn or synset.num_slots
 
 
@@ -451,7 +451,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
             on_metrics(it, {"loss": float(loss), "syn_lr": float(synset.syn_lr.detach()),
                             "seconds": time.perf_counter() - tic})
         if guard is not None and (broken or watch is not None):
-            pinned = recipe.learns_lr and float(synset.syn_lr) <= recipe.mtt.min_syn_lr * (1 + 1e-6)  # fp32 floor
+            pinned = recipe.learns_lr and float(synset.syn_lr.detach()) <= recipe.mtt.min_syn_lr * (1 + 1e-6)  # fp32 floor
             reason = broken or watch.observe(float(loss), pinned)
             if reason and not back_off(it + 1, reason, bool(broken)):
                 break

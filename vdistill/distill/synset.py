@@ -355,10 +355,10 @@ class S2DSet:
             self.integrator.load_state_dict(_integrator_state(tensors))
 
     def source(self) -> FrozenS2DSet:
-        """A picklable CPU snapshot that re-pairs on every call, for evaluation tasks."""
+        """A picklable CPU snapshot that draws every item's still anew on every call, for evaluation tasks."""
         t = {k: v.cpu() for k, v in self.state_tensors().items()}
         return FrozenS2DSet(t["static_memory"], t["dynamic_memory"], _integrator_state(t), self.layout,
-                            float(self.syn_lr))
+                            float(t["syn_lr"]))
 
 
 class FrozenS2DSet:
@@ -457,7 +457,7 @@ class PixelSet:
     def source(self) -> FrozenPixelSet:
         """A picklable CPU snapshot, the same videos every epoch, for evaluation tasks."""
         videos, labels = self.all_videos()
-        return FrozenPixelSet(videos.detach().cpu().clone(), labels.cpu(), float(self.syn_lr))
+        return FrozenPixelSet(videos.detach().cpu().clone(), labels.cpu(), float(self.syn_lr.detach()))
 
 
 class FrozenPixelSet:
