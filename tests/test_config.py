@@ -17,6 +17,19 @@ def test_every_preset_validates(preset):
     assert load_config(preset).run.name
 
 
+def test_configs_demo_yaml_is_what_vdistill_demo_runs():
+    """`vdistill demo` reads its preset from the installed package; configs/demo.yaml builds on it, so evaluating
+    or re-running the demo's folder with configs/demo.yaml sees the demo's settings."""
+    from vdistill.cli import _config, _parser
+
+    demo = _config(_parser().parse_args(["demo"]))
+    assert demo == load_config(PRESETS / "demo.yaml")
+    assert (demo.demo.kind, demo.run.name, demo.evaluate.num_eval) == ("footage", "demo", 5)
+    procedural = _config(_parser().parse_args(["demo", "--procedural", "dynamic.iterations=7"]))
+    assert (procedural.demo.kind, procedural.run.name, procedural.dynamic.iterations) == (
+        "procedural", "demo-procedural", 7)
+
+
 def test_paper_presets_inherit_their_dataset_and_the_paper_settings():
     cfg = load_config(PRESETS / "miniucf_mtt_vpc1.yaml")
     assert (cfg.decode.frames, cfg.decode.size, cfg.decode.stride) == (16, 112, 4)

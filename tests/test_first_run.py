@@ -1,35 +1,28 @@
 """The README's first command as a user types it: the `vdistill` console script, a fresh empty folder, default paths.
 
-Only the iteration and epoch counts are shrunk to fit the suite; `run.root` stays the default relative
-`runs`, which Ray workers (running in other directories) must still find.
+Only the set, the iteration and the epoch counts are shrunk to fit the suite, and DM+S2D is added so that the
+artifact is chosen between two S2D methods; `run.root` stays the default relative `runs`, which Ray workers
+(running in other directories) must still find.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-SMALL = ["demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "experts.num_experts=2",
-         "static.iterations=3", "dynamic.iterations=3", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2",
-         "baselines.pixel_iterations=2", "baselines.full_epochs=2", "evaluate.epochs=3", "evaluate.num_eval=2",
-         "validation.epochs=5", "baselines.s2d_overrides={dm: {iterations: 3}}"]
+from tests.cli import vdistill
 
-
-def _vdistill(args: list[str], cwd: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("vdistill")
-    assert exe, "the vdistill console script is not installed: pip install -e '.[test]'"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+SMALL = ["demo.classes=4", "demo.train_per_class=6", "demo.test_per_class=3", "static.iterations=3",
+         "dynamic.iterations=3", "dynamic.syn_steps=2", "dynamic.max_start_epoch=2", "evaluate.epochs=3",
+         "evaluate.num_eval=2", "validation.epochs=5", "baselines.s2d_methods=[dm]",
+         "baselines.s2d_overrides={dm: {iterations: 3}}"]
 
 
 @pytest.mark.slow
 def test_vdistill_demo_runs_from_an_empty_folder_with_the_default_relative_run_root(tmp_path):
-    proc = _vdistill(["demo", *SMALL], cwd=str(tmp_path))
+    proc = vdistill(["demo", *SMALL], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "top-1 %" in proc.stdout and "MTT+S2D" in proc.stdout and "DM+S2D" in proc.stdout, proc.stdout[-2000:]
     run = tmp_path / "runs" / "demo"

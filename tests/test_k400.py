@@ -14,9 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import uuid
 from collections import Counter
@@ -30,6 +27,8 @@ from vdistill.config import load_config
 from vdistill.data.manifests import build_manifest
 from vdistill.data.synthetic import demo_classes, encode_mp4, render_video
 from vdistill.storage import Storage, join
+
+from tests.cli import vdistill
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "label,youtube_id,time_start,time_end,split"
@@ -174,27 +173,6 @@ def test_k400_clips_are_whole_pre_trimmed_files_not_csv_windows(manifest):
 
 
 # ---- the presets, end to end -------------------------------------------------------------------------------
-def _vdistill(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The console script in its own process group, so that on a timeout the local Ray it started goes too."""
-    exe = shutil.which("vdistill")
-    assert exe, "the vdistill console script is not installed: pip install -e '.[test]'"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"vdistill {' '.join(args[:2])} ran past {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
-    finally:
-        try:  # whatever of its Ray is still there (it stops its own on a normal exit)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
@@ -210,7 +188,7 @@ def dm_run(k400, cache_uri, tmp_path_factory):
     to a local store under that folder's runs/)."""
     cwd = tmp_path_factory.mktemp("user")
     overrides = [*k400.data_overrides(), f"run.root={k400.bucket}/runs", f"cache.uri={cache_uri}", *CPU_SIZED]
-    proc = _vdistill(["run", str(PRESETS / "k400_dm_vpc1.yaml"), *overrides], cwd)
+    proc = vdistill(["run", str(PRESETS / "k400_dm_vpc1.yaml"), *overrides], cwd)
     return proc, load_config(PRESETS / "k400_dm_vpc1.yaml", overrides)
 
 

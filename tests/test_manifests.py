@@ -304,7 +304,7 @@ def test_s3_rows_compare_by_normalised_key(s3_storage):
         build_manifest(DataConfig(dataset="generic_csv", root=f"{bucket}/videos", annotations=csv_uri), storage)
     text = str(info.value)
     assert "ann.csv:2: column 3 (split):" in text and "(a train/test leak)" in text
-    assert f"ann.csv:3: column 1 (path):" in text and f"resolves to {bucket}/other/b.mp4, outside data.root" in text
+    assert "ann.csv:3: column 1 (path):" in text and f"resolves to {bucket}/other/b.mp4, outside data.root" in text
 
 
 def test_every_bad_row_is_reported_at_once(tmp_path):

