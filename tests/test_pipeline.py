@@ -12,6 +12,7 @@ import torch
 from vdistill.config import load_config
 from vdistill.coordinator import get_coordinator, run_pipeline
 from vdistill.pipeline import RunConflict
+from vdistill.stage import SCORES_FOLDER
 from vdistill.storage import Storage, join
 from vdistill.stages.dataset import point_at_demo_data
 
@@ -114,6 +115,15 @@ def test_finished_stages_keep_no_checkpoint_and_other_settings_checkpoints_are_r
     left = [u for stage in outputs for u in storage.list_files(join(cfg.run_uri, stage), recursive=False)
             if "checkpoint-" in u]
     assert left == []
+
+
+def test_a_set_is_scored_on_validation_once_however_many_stages_start_from_it(interrupted_run):
+    """MTT+S2D and DM+S2D start from the same set: the second reads the first's score (one file per set scored)."""
+    cfg, storage, _, outputs = interrupted_run
+    mtt, dm = outputs["dynamic-mtt"]["validation"], outputs["dynamic-dm"]["validation"]
+    assert dm["scores"][0] == mtt["scores"][0] and dm["scores"][0][0] == 0
+    scored = sum(len(out["validation"]["scores"]) for out in outputs.values() if out.get("validation"))
+    assert len(storage.list_files(join(cfg.run_uri, SCORES_FOLDER))) == scored - 1
 
 
 def test_resubmitting_a_finished_run_is_a_no_op(interrupted_run):

@@ -10,7 +10,7 @@ from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticC
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import dm_loss, random_network
 from vdistill.distill.loop import ExpertCursor, Recipe, _items, distill
-from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, init_static_memory
+from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout, draw_seed, init_static_memory, substream
 from vdistill.models import ConvNet2D, ConvNet3D, flat_params
 
 C, T, SIZE = 3, 4, 16
@@ -240,23 +240,43 @@ def test_a_non_finite_distillation_stops_naming_the_stage_iteration_and_keys():
         run_dynamic("dm", s2d_set(), class_sampler(), dyn_cfg(iterations=2, lr_dynamic=1e30))
 
 
-def test_dm_takes_its_gradient_class_by_class_equal_to_the_whole_loss():
-    """The class-by-class loop (bounded memory at 400 classes) computes the gradient of the summed loss."""
+def _dm_loss_fn(synset, classes):
     from vdistill.distill.loop import PER_CLASS_OBJECTIVES, _per_class_loss_fn
 
     sample_real, build = class_sampler(), lambda: ConvNet3D(C, T, SIZE, width=8, head="adaptive")
     real = lambda c, g: to_model_input(sample_real(c, 4, g))  # noqa: E731
+    return _per_class_loss_fn(PER_CLASS_OBJECTIVES["dm"], synset, real, build, classes, torch.float32,
+                              torch.device("cpu")), real, build
+
+
+def test_dm_takes_its_gradient_class_by_class_equal_to_the_whole_loss():
+    """The class-by-class loop (bounded memory at 400 classes) computes the gradient of the summed loss; each class
+    draws from its own substream of the iteration's seed."""
     by_class, whole = s2d_set(vpc=2), s2d_set(vpc=2)
-    loss = _per_class_loss_fn(PER_CLASS_OBJECTIVES["dm"], by_class, real, build, torch.float32,
-                              torch.device("cpu"))(torch.Generator().manual_seed(5), ExpertCursor([]))
-    g = torch.Generator().manual_seed(5)
-    net = random_network(build, int(torch.randint(2**62, (1,), generator=g)), "cpu")
-    videos, labels = whole.all_videos(g)
-    reference = dm_loss(net.embed, [real(c, g) for c in range(C)], [videos[labels == c] for c in range(C)])
+    loss_fn, real, build = _dm_loss_fn(by_class, range(C))
+    loss = loss_fn(torch.Generator().manual_seed(5), ExpertCursor([]))
+    seed = draw_seed(torch.Generator().manual_seed(5))
+    net = random_network(build, seed, "cpu")
+    draws = [substream(seed, c) for c in range(C)]
+    reals = [real(c, draws[c]) for c in range(C)]
+    reference = dm_loss(net.embed, reals, [whole.class_videos(c, draws[c]) for c in range(C)])
     reference.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     for mine, theirs in zip(by_class.leaves(), whole.leaves()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dm_gradients_of_disjoint_class_blocks_add_up_to_the_whole_losss():
+    """What lets workers split the classes: a class's draws do not depend on which other classes are computed,
+    so blocks of classes computed apart (here one after the other, on copies of the set) sum to the whole."""
+    whole, first, rest = s2d_set(vpc=2), s2d_set(vpc=2), s2d_set(vpc=2)
+    total = _dm_loss_fn(whole, range(C))[0](torch.Generator().manual_seed(7), ExpertCursor([]))
+    parts = [_dm_loss_fn(part, classes)[0](torch.Generator().manual_seed(7), ExpertCursor([]))
+             for part, classes in ((first, [0]), (rest, range(1, C)))]
+    assert total.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-5)
+    for w, f, r in zip(whole.leaves(), first.leaves(), rest.leaves()):
+        torch.testing.assert_close(w.grad, f.grad + r.grad, rtol=1e-4, atol=1e-7)
+    assert first.dynamic_memory.grad[1:].abs().max() == 0 and rest.dynamic_memory.grad[0].abs().max() == 0
 
 
 def test_mtt_with_fewer_synthetic_items_per_step_than_the_set_holds_trains_and_resumes_exactly():

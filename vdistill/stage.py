@@ -20,11 +20,13 @@ from vdistill.config import Config
 from vdistill.data.clips import ClassSampler, read_manifest
 from vdistill.data.stream import SplitStream
 from vdistill.distill.loop import Validate, ValidationRecord
+from vdistill.distill.synset import FrozenPixelSet, FrozenS2DSet
 from vdistill.evaluate import validation_scorer
 from vdistill.lease import Owner
 from vdistill.storage import Storage, join
 from vdistill.tracking import Tracker
 
+SCORES_FOLDER = "validation-scores"  # under the run folder: validation top-1 of every set scored, by content
 _CHECKPOINT = re.compile(r"^checkpoint-[0-9a-f]+\.safetensors$")
 
 # Cut points of `vdistill <command>` / `Pipeline.run(until=...)`, in data-flow order.
@@ -109,9 +111,27 @@ class RunContext:
     def validator(self, cache_uri: str) -> Validate | None:
         """`score(source) -> top-1` on the cache's validation split, or None when the cache has none
         (`data.val_fraction=0`): the stage then keeps its last iterate."""
-        if self.cfg.data.val_split not in read_manifest(self.storage, cache_uri).get("splits", []):
+        manifest = read_manifest(self.storage, cache_uri)
+        if self.cfg.data.val_split not in manifest.get("splits", []):
             return None
-        return validation_scorer(self.split(cache_uri, self.cfg.data.val_split), self.cfg)
+        score = validation_scorer(self.split(cache_uri, self.cfg.data.val_split), self.cfg)
+        protocol = json.dumps({"reads": {k: _jsonable(v) for k, v in validation_reads(self.cfg).items()},
+                               "model": _jsonable(self.cfg.model), "device": self.cfg.run.device,
+                               "seed": self.cfg.run.seed, "cache": manifest["input_hash"]}, sort_keys=True)
+
+        def memoised(source: FrozenS2DSet | FrozenPixelSet) -> float:
+            """A set already scored under this protocol is not trained again: MTT+S2D and DM+S2D start from the
+            same set, and so do the two pixel baselines."""
+            key = hashlib.sha256(f"{protocol}|{source.digest()}".encode()).hexdigest()[:32]
+            uri = join(self.cfg.run_uri, SCORES_FOLDER, f"{key}.json")
+            known = self.storage.read_json_or(uri)
+            if known is not None:
+                return float(known["top1"])
+            value = score(source)
+            self.storage.write_json(uri, {"top1": value})
+            return value
+
+        return memoised
 
     def report_validation(self, prefix: str, record: ValidationRecord) -> dict[str, Any]:
         """Log a loop's validation scores (MLflow, and one line when it did not beat its start); -> manifest entry."""

@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig, ValidationConfig
 from vdistill.data.pixels import to_model_input
 from vdistill.distill.objectives import MTT_MODES, dc_class_loss, dm_loss, mtt_plan, random_network
-from vdistill.distill.synset import RealSampler, S2DSet, draw_seed, random_real_frames
+from vdistill.distill.synset import RealSampler, S2DSet, draw_seed, random_real_frames, substream
 from vdistill.errors import UserError
 from vdistill.models import build_model, seeded
 
@@ -41,7 +41,7 @@ class SyntheticSet(Protocol):
 
     def materialize(self, slots: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
     def all_videos(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def videos_by_class(self, generator: torch.Generator) -> Iterator[torch.Tensor]: ...
+    def class_videos(self, c: int, generator: torch.Generator) -> torch.Tensor: ...
     def leaves(self) -> list[torch.Tensor]: ...
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
@@ -87,18 +87,23 @@ PER_CLASS_OBJECTIVES: dict[str, PerClassObjective] = {
 
 def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
                        real_batch: Callable[[int, torch.Generator], torch.Tensor], build_net: Callable[[], nn.Module],
-                       dtype: torch.dtype, device: torch.device) -> LossFn:
-    """DM / DC: a fresh random network per iteration, every synthetic item vs a real batch per class.
+                       classes: Sequence[int], dtype: torch.dtype, device: torch.device) -> LossFn:
+    """DM / DC: a fresh random network per iteration, every synthetic item of `classes` vs a real batch per class.
 
     The loss is a sum over classes, so its gradient is accumulated class by class: peak memory holds one
-    class's real batch and graph, whatever the number of classes (400 for Kinetics).
+    class's real batch and graph, whatever the number of classes (400 for Kinetics). An iteration takes one
+    seed from the loop's generator: it seeds the network, and each class draws its real batch and its items'
+    stills from its own substream of it, so a class's term is the same whichever other classes are computed
+    with it: the gradients of disjoint blocks of classes add up to the whole loss's.
     """
 
     def loss_fn(generator: torch.Generator, cursor: ExpertCursor) -> torch.Tensor:
-        net = random_network(build_net, draw_seed(generator), device, dtype)
+        seed = draw_seed(generator)
+        net = random_network(build_net, seed, device, dtype)
         total = torch.zeros((), device=device)
-        for c, syn in enumerate(synset.videos_by_class(generator)):
-            loss = objective(net, c, real_batch(c, generator).to(dtype), syn)
+        for c in classes:
+            draws = substream(seed, c)
+            loss = objective(net, c, real_batch(c, draws).to(dtype), synset.class_videos(c, draws))
             loss.backward()
             total += loss.detach()
         return total
@@ -236,7 +241,7 @@ def _items(synset: SyntheticSet, batch_syn: int) -> tuple[int, int]:
 
 
 def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, build: Callable[[], nn.Module],
-             snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
+             classes: Sequence[int], snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
     dtype = synset.leaves()[0].dtype
     if recipe.method == "mtt":
         if snapshot is None:
@@ -250,7 +255,31 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
             return to_model_input(random_real_frames(sample_real, c, recipe.batch_real, g), device)
         return to_model_input(sample_real(c, recipe.batch_real, g), device)
 
-    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, dtype, device)
+    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, classes, dtype, device)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of a DM / DC loop that several workers run in lock-step: it computes the terms of its
+    `classes` only, and `all_reduce` sums a flat tensor in place over the workers, so that every worker holds the
+    whole loss and gradient and takes the same step. Each class draws from its own substream of the iteration's
+    seed, so the set does not depend on how the classes are split (up to the order of floating-point sums)."""
+
+    classes: Sequence[int]
+    all_reduce: Callable[[torch.Tensor], None]
+
+
+def _sum_over_workers(loss: torch.Tensor, leaves: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
+    """The workers' losses and gradients summed, in one collective on one flat buffer; -> the summed loss."""
+    for leaf in leaves:
+        if leaf.grad is None:  # a worker whose classes do not reach a leaf still takes part in the sum
+            leaf.grad = torch.zeros_like(leaf)
+    tensors = [loss.reshape(1), *(leaf.grad.reshape(-1) for leaf in leaves)]
+    flat = torch.cat(tensors)
+    shard.all_reduce(flat)
+    for leaf, part in zip(leaves, flat[1:].split([leaf.numel() for leaf in leaves])):
+        leaf.grad.copy_(part.view_as(leaf))
+    return flat[0]
 
 
 # `validate(source) -> top-1` of a frozen snapshot of the set on the validation split (the same network seeds at
@@ -348,7 +377,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
             device: torch.device | str, *, num_classes: int, model_cfg: ModelConfig | None = None,
             snapshot: SnapshotReader | None = None, expert_ids: Sequence[int] = (), state: dict | None = None,
             on_checkpoint: OnCheckpoint | None = None, on_metrics: OnMetrics | None = None,
-            on_eval: OnEval | None = None, validate: Validate | None = None,
+            on_eval: OnEval | None = None, validate: Validate | None = None, shard: Shard | None = None,
             log: Callable[[str], None] = print) -> ValidationRecord:
     """Optimise `synset` in place by `recipe`; resumes from `state` (a checkpoint handed to `on_checkpoint`).
 
@@ -363,12 +392,21 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
     most `validation.backoffs` times; after that a non-finite loop stops, an unstable one goes on. Without them, a non-finite loss or synthetic tensor stops the
     loop with `Diverged` naming the loop, the iteration and the config keys to lower, before anything non-finite
     can be checkpointed or exported. Returns the validation record (empty without validation).
+
+    With `shard` (DM / DC only), this is one of several workers running the loop in lock-step: it computes its
+    classes' terms, and the loss and gradients are summed over the workers before every step (`Shard`), so every
+    worker holds the same set; `validate` must then return the same score on every worker.
     """
     device = torch.device(device)
     guard = recipe.validation if validate is not None else None
     if recipe.mtt is not None:
         synset.syn_lr.requires_grad_(recipe.mtt.train_lr)
-    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), snapshot, device)
+    if shard is not None and recipe.method == "mtt":
+        raise ValueError(f"{recipe.name}: MTT cannot be split over workers by class (one student trains on every "
+                         "class); run it on one worker")
+    classes = shard.classes if shard is not None else range(num_classes)
+    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), classes, snapshot,
+                       device)
     cursor = ExpertCursor(list(expert_ids))
     record, best_tensors, start = ValidationRecord(), synset.state_tensors(), 0
     optimizers = _optimizers(synset, recipe, 0, 1.0)
@@ -435,6 +473,8 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
                     param_group["lr"] = recipe.step_size(group, it, record.lr_scale)
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(generator, cursor)
+        if shard is not None:
+            loss = _sum_over_workers(loss, synset.leaves(), shard)
         finite = bool(torch.isfinite(loss))
         if finite:
             for opt in optimizers.values():
@@ -469,4 +509,4 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
     return record
 
 
-__all__ = ["Diverged", "ExpertCursor", "Recipe", "SnapshotReader", "Validate", "ValidationRecord", "distill"]
+__all__ = ["Diverged", "ExpertCursor", "Recipe", "Shard", "SnapshotReader", "Validate", "ValidationRecord", "distill"]

@@ -14,9 +14,12 @@ and the artifact share one materialisation rule. Storage accounting (METHOD.md 5
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -202,9 +205,25 @@ def _integrator_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("integrator.")}
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor], **extra: object) -> str:
+    """A content hash of named tensors (values, dtypes, shapes) and a few JSON-able facts: the identity of a set."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def draw_seed(generator: torch.Generator) -> int:
     """A 63-bit seed from an explicit generator: how sub-components get their own reproducible stream."""
     return int(torch.randint(2**62, (1,), generator=generator))
+
+
+def substream(seed: int, key: int) -> torch.Generator:
+    """An independent generator for `key` (a class) under `seed` (an iteration's draw): what one class draws then
+    does not depend on which other classes are drawn, in which order, or in which process."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def random_real_frames(sample_real: RealSampler, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -329,16 +348,11 @@ class S2DSet:
         """One video per item, class-major: `(C*dpc, T, 3, H, W)` and labels."""
         return self.materialize(torch.arange(self.layout.num_items), generator)
 
-    def videos_by_class(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Class by class, `(dpc, T, 3, H, W)`, differentiable: what `all_videos` returns, without holding every
-        class's graph at once. Every item's still is drawn first, as `all_videos` draws it, so what the caller
-        draws from `generator` between classes does not change it."""
-        items = torch.arange(self.layout.num_items)
-        rows = self.layout.draw_statics(items, generator)
-        for c in range(self.layout.num_classes):
-            own = slice(c * self.layout.dpc, (c + 1) * self.layout.dpc)
-            yield integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items[own],
-                                  rows[own])
+    def class_videos(self, c: int, generator: torch.Generator) -> torch.Tensor:
+        """Class `c`'s videos `(dpc, T, 3, H, W)`, one per item, differentiable, each item's still drawn from
+        `generator`: a loop that goes class by class holds one class's graph at a time."""
+        items = torch.arange(c * self.layout.dpc, (c + 1) * self.layout.dpc)
+        return self.materialize(items, generator)[0]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Detached copies of everything that defines the set (checkpoints and export)."""
@@ -380,6 +394,12 @@ class FrozenS2DSet:
         self.integrator.requires_grad_(False)
         self.layout, self.syn_lr = layout, syn_lr
         self.labels = layout.labels(torch.arange(layout.num_items))
+
+    def digest(self) -> str:
+        """What training on this set depends on, hashed: two sets with one digest train the same networks."""
+        tensors = {"static_memory": self.static_memory, "dynamic_memory": self.dynamic_memory,
+                   **{f"integrator.{k}": v for k, v in self.integrator.state_dict().items()}}
+        return tensor_digest(tensors, kind="s2d", layout=self.layout.to_dict(), syn_lr=self.syn_lr)
 
     def statics_for(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The static row of each item, drawn among its slot's statics from `generator`."""
@@ -441,10 +461,9 @@ class PixelSet:
     def all_videos(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.materialize(torch.arange(self.num_slots), generator)
 
-    def videos_by_class(self, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Class by class, `(vpc, ...)`: the class-major rows of the set."""
-        for c in range(self.num_classes):
-            yield self.videos[c * self.vpc : (c + 1) * self.vpc]
+    def class_videos(self, c: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class `c`'s rows `(vpc, ...)`; `generator` is unused (no pairing) but kept for the API."""
+        return self.videos[c * self.vpc : (c + 1) * self.vpc]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"videos": self.videos.detach().clone(), "syn_lr": self.syn_lr.detach().clone()}
@@ -467,6 +486,10 @@ class FrozenPixelSet:
     def __init__(self, videos: torch.Tensor, labels: torch.Tensor, syn_lr: float | None = None) -> None:
         self.videos, self.labels, self.syn_lr = videos, labels, syn_lr
 
+    def digest(self) -> str:
+        """What training on this set depends on, hashed: two sets with one digest train the same networks."""
+        return tensor_digest({"videos": self.videos, "labels": self.labels}, kind="pixels", syn_lr=self.syn_lr)
+
     def normalised(self, index: slice | torch.Tensor) -> torch.Tensor:
         """Videos `(n, T, 3, H, W)` at `index` (a slice, mask or index tensor), in the networks' space."""
         videos = self.videos[index]
@@ -480,4 +503,4 @@ class FrozenPixelSet:
 __all__ = ["BYTES_PER_FLOAT", "PAPER_SLOT_PAIRING", "FrozenPixelSet", "FrozenS2DSet", "PixelSet", "RealSampler",
            "S2DSet", "SlotLayout", "check_memory_shapes", "downscale", "draw_seed", "fitting_slots", "fp32_mb",
            "init_static_memory", "integrate_items", "pixel_baseline_mb", "pixel_storage", "random_real_frames",
-           "real_residuals", "s2d_storage", "storage_mb", "upscale"]
+           "real_residuals", "s2d_storage", "storage_mb", "substream", "tensor_digest", "upscale"]
