@@ -35,6 +35,12 @@ class RunConfig(_Section):
         1.0, ge=0, description="Ray CPUs held by the coordinator actor, which runs distillation with as many torch "
         "threads on a cluster; a local run (no RAY_ADDRESS) gives it every core")
     coordinator_gpus: float = Field(0.0, ge=0, description="Ray GPUs held by the coordinator actor; 1 on GPU clusters")
+    distill_workers: int = Field(
+        1, ge=1, description="Ray Train workers of a DM / DC distillation stage (static, DM+S2D, DM on pixels): each "
+        "takes a block of classes and the workers sum their gradients every iteration, so the set is the same for "
+        "any number (METHOD.md 5.4); MTT stages run on one")
+    distill_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per distillation worker")
+    distill_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per distillation worker (NCCL when > 0)")
 
 
 class StorageConfig(_Section):

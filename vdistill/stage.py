@@ -74,6 +74,32 @@ def validation_reads(cfg: Config) -> dict[str, Any]:
     return {"validation": cfg.validation, "train": cfg.train, **fields(cfg.evaluate, *_PROTOCOL, prefix="evaluate")}
 
 
+def validator(cfg: Config, storage: Storage, cache_uri: str) -> Validate | None:
+    """`score(source) -> top-1` on the cache's validation split, or None
+    when the cache has none (`data.val_fraction=0`). A set already scored under the same protocol is not trained
+    again: its score is kept under the run folder by the set's content (MTT+S2D and DM+S2D start from the same
+    set, and so do the two pixel baselines)."""
+    manifest = read_manifest(storage, cache_uri)
+    if cfg.data.val_split not in manifest.get("splits", []):
+        return None
+    score = validation_scorer(SplitStream(storage, cache_uri, cfg.data.val_split), cfg)
+    protocol = json.dumps({"reads": {k: _jsonable(v) for k, v in validation_reads(cfg).items()},
+                           "model": _jsonable(cfg.model), "device": cfg.run.device, "seed": cfg.run.seed,
+                           "cache": manifest["input_hash"]}, sort_keys=True)
+
+    def memoised(source: FrozenS2DSet | FrozenPixelSet) -> float:
+        key = hashlib.sha256(f"{protocol}|{source.digest()}".encode()).hexdigest()[:32]
+        uri = join(cfg.run_uri, SCORES_FOLDER, f"{key}.json")
+        known = storage.read_json_or(uri)
+        if known is not None:
+            return float(known["top1"])
+        value = score(source)
+        storage.write_json(uri, {"top1": value})
+        return value
+
+    return memoised
+
+
 @dataclass
 class RunContext:
     """What a stage body gets; it never sees the runner or other stages' folders except through `output`."""
@@ -111,27 +137,7 @@ class RunContext:
     def validator(self, cache_uri: str) -> Validate | None:
         """`score(source) -> top-1` on the cache's validation split, or None when the cache has none
         (`data.val_fraction=0`): the stage then keeps its last iterate."""
-        manifest = read_manifest(self.storage, cache_uri)
-        if self.cfg.data.val_split not in manifest.get("splits", []):
-            return None
-        score = validation_scorer(self.split(cache_uri, self.cfg.data.val_split), self.cfg)
-        protocol = json.dumps({"reads": {k: _jsonable(v) for k, v in validation_reads(self.cfg).items()},
-                               "model": _jsonable(self.cfg.model), "device": self.cfg.run.device,
-                               "seed": self.cfg.run.seed, "cache": manifest["input_hash"]}, sort_keys=True)
-
-        def memoised(source: FrozenS2DSet | FrozenPixelSet) -> float:
-            """A set already scored under this protocol is not trained again: MTT+S2D and DM+S2D start from the
-            same set, and so do the two pixel baselines."""
-            key = hashlib.sha256(f"{protocol}|{source.digest()}".encode()).hexdigest()[:32]
-            uri = join(self.cfg.run_uri, SCORES_FOLDER, f"{key}.json")
-            known = self.storage.read_json_or(uri)
-            if known is not None:
-                return float(known["top1"])
-            value = score(source)
-            self.storage.write_json(uri, {"top1": value})
-            return value
-
-        return memoised
+        return validator(self.cfg, self.storage, cache_uri)
 
     def report_validation(self, prefix: str, record: ValidationRecord) -> dict[str, Any]:
         """Log a loop's validation scores (MLflow, and one line when it did not beat its start); -> manifest entry."""
@@ -148,14 +154,14 @@ class RunContext:
     def checkpointing(self, sampler: ClassSampler) -> tuple[dict[str, Any] | None, Callable[[dict[str, Any]], None]]:
         """(loop state to resume from or None, callback that saves one), named by the stage's input hash; the
         sampler's pools travel with the loop state. Call it after the set is built, right before the loop."""
-        uri = self._checkpoint_uri()
+        uri = self.checkpoint_uri()
         state = load_state(self.storage, uri)
         if state is not None:
             self.log(f"[{self.folder.rsplit('/', 1)[-1]}] resuming from iteration {state['iteration']}")
             sampler.load_state(state.pop("sampler"))
         return state, lambda s: save_state(self.storage, uri, {**s, "sampler": sampler.state()})
 
-    def _checkpoint_uri(self) -> str:
+    def checkpoint_uri(self) -> str:
         return self.uri(f"checkpoint-{self.input_hash}.safetensors")
 
     def remove_checkpoints(self, *, own: bool) -> None:
@@ -164,7 +170,7 @@ class RunContext:
         space freed."""
         sizes = self.storage.list_file_sizes(self.folder, recursive=False)
         doomed = {uri: size for uri, size in sizes.items() if _CHECKPOINT.match(uri.rsplit("/", 1)[-1])
-                  and (own or uri != self._checkpoint_uri())}
+                  and (own or uri != self.checkpoint_uri())}
         for uri in doomed:
             self.storage.delete(uri)
         if doomed:

@@ -1,11 +1,13 @@
 """Stage 2: learn the dynamic memory and the integrator around the static memory (DM or MTT, METHOD.md 5)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from vdistill.config import Config
+from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
 from vdistill.distill.synset import S2DSet, SlotLayout
@@ -13,6 +15,8 @@ from vdistill.evaluate import PendingEvaluation, launch_evaluation
 from vdistill.export import export_s2d
 from vdistill.stage import RunContext, Stage, validation_reads
 from vdistill.stages.experts import snapshot_reader
+from vdistill.stages.workers import Loop, prepare_loop
+from vdistill.storage import Storage
 
 SET_FOLDER = "set"
 
@@ -39,32 +43,41 @@ def learned_lr(synset: Any, recipe: Recipe) -> float | None:
     return float(synset.syn_lr.detach()) if recipe.learns_lr else None
 
 
+def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *, method: str,
+               static_uri: str) -> Loop:
+    """The stage's set around the static memory, its recipe and its loop generator (`workers.Build`)."""
+    settings = cfg.dynamic_for(method)
+    static_memory = storage.read_tensors(static_uri)["static_memory"]
+    layout = SlotLayout.from_config(sampler.num_classes, settings, sampler.manifest["frames"])
+    synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
+                           torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
+                           train_static=settings.train_static, integrator_init=settings.integrator_init,
+                           dynamic_init=settings.init, sample_real=sampler.sample)
+    return Loop(synset, Recipe.dynamic(settings, cfg.validation), torch.Generator().manual_seed(cfg.run.seed),
+                layout.num_classes)
+
+
 def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_experts: Stage | None
             ) -> dict[str, Any]:
     cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
     cache, device = ctx.output(ingest)["cache"], resolve_device(cfg.run.device)
-    static_memory = ctx.storage.read_tensors(ctx.output(static)["static_memory"])["static_memory"]
+    static_uri = ctx.output(static)["static_memory"]
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
                             if method == "mtt" else (None, []))
-    recipe = Recipe.dynamic(settings, cfg.validation)
     pending: list[tuple[int, PendingEvaluation]] = []
 
     def on_eval(iteration: int, source: Any) -> None:  # evaluations run as Ray tasks, collected at the end
         test = ctx.split(cache, cfg.data.test_split)
         pending.append((iteration, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source))))
 
+    build = partial(build_loop, method=method, static_uri=static_uri)
     with ctx.real_clips(cache) as sampler:
-        layout = SlotLayout.from_config(sampler.num_classes, settings, sampler.manifest["frames"])
-        synset = S2DSet.create(layout, static_memory.to(device), sampler.manifest["frames"],
-                               torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
-                               train_static=settings.train_static, integrator_init=settings.integrator_init,
-                               dynamic_init=settings.init, sample_real=sampler.sample)
-        state, save = ctx.checkpointing(sampler)
-        resumed_from = state["iteration"] if state else 0
-        record = distill(synset, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
+        loop = build(cfg, ctx.storage, sampler, device)
+        synset, recipe, layout = loop.synset, loop.recipe, loop.synset.layout
+        run = prepare_loop(ctx, f"dynamic-{method}", loop, build, cache, sampler)
+        record = distill(synset, recipe, sampler.sample, loop.generator, device,
                          num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot,
-                         expert_ids=expert_ids, state=state, on_checkpoint=save,
-                         on_metrics=ctx.progress(f"dynamic-{method}", recipe.iterations, resumed_from),
+                         expert_ids=expert_ids, state=run.state, on_checkpoint=run.save, on_metrics=run.on_metrics,
                          on_eval=on_eval if settings.eval_every else None, validate=ctx.validator(cache), log=ctx.log)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
     t = synset.state_tensors()
@@ -75,7 +88,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                       metrics={"best_during_distillation": best, "validation": record.to_dict()})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
             "validation": ctx.report_validation(f"dynamic-{method}", record),
-            "resumed_from": resumed_from, "seconds_per_iteration": ctx.iteration_seconds(),
+            "resumed_from": run.resumed_from, "workers": run.workers, "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}
 
 

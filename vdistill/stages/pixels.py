@@ -1,11 +1,13 @@
 """The DM / MTT baselines on raw pixels (METHOD.md 7): what S2D must beat at equal videos per class."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from vdistill.config import Config
+from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
 from vdistill.distill.synset import PixelSet
@@ -14,6 +16,8 @@ from vdistill.stage import RunContext, Stage, fields, validation_reads
 from vdistill.stages.dynamic import SET_FOLDER, learned_lr
 from vdistill.stages.experts import snapshot_reader
 from vdistill.stages.static import MTT
+from vdistill.stages.workers import Loop, prepare_loop
+from vdistill.storage import Storage
 
 # What the pixel loop reads from the method's dynamic settings besides the MTT knobs.
 DYNAMIC = ("vpc", "batch_real", "checkpoint_every", "eval_every")
@@ -32,27 +36,34 @@ def stage(cfg: Config, method: str, ingest: Stage, video_experts: Stage | None) 
                  lambda ctx: _distil(ctx, method, ingest, video_experts))
 
 
+def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *, method: str) -> Loop:
+    """Random real clips as the starting videos, the baseline's recipe and its loop generator (`workers.Build`)."""
+    settings = cfg.dynamic_for(method)
+    pixels = PixelSet.from_real(sampler.sample, sampler.num_classes, settings.vpc,
+                                torch.Generator().manual_seed(cfg.run.seed), device,
+                                syn_lr=cfg.dynamic_for("mtt").lr_teacher)
+    return Loop(pixels, Recipe.pixels(method, cfg.baselines, settings, cfg.validation),
+                torch.Generator().manual_seed(cfg.run.seed), sampler.num_classes)
+
+
 def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | None) -> dict[str, Any]:
-    cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
-    device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
+    cfg, cache, device = ctx.cfg, ctx.output(ingest)["cache"], resolve_device(ctx.cfg.run.device)
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
                             if method == "mtt" else (None, []))
-    recipe = Recipe.pixels(method, cfg.baselines, settings, cfg.validation)
-    with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
-        pixels = PixelSet.from_real(sampler.sample, sampler.num_classes, settings.vpc, generator, device,
-                                    syn_lr=cfg.dynamic_for("mtt").lr_teacher)
-        state, save = ctx.checkpointing(sampler)
-        record = distill(pixels, recipe, sampler.sample, torch.Generator().manual_seed(cfg.run.seed), device,
-                         num_classes=sampler.num_classes, model_cfg=cfg.model, snapshot=snapshot,
-                         expert_ids=expert_ids, state=state, on_checkpoint=save, log=ctx.log,
-                         validate=ctx.validator(ctx.output(ingest)["cache"]),
-                         on_metrics=ctx.progress(f"pixels-{method}", recipe.iterations,
-                                                 state["iteration"] if state else 0))
+    build = partial(build_loop, method=method)
+    with ctx.real_clips(cache) as sampler:
+        loop = build(cfg, ctx.storage, sampler, device)
+        pixels, recipe = loop.synset, loop.recipe
+        run = prepare_loop(ctx, f"pixels-{method}", loop, build, cache, sampler)
+        record = distill(pixels, recipe, sampler.sample, loop.generator, device, num_classes=sampler.num_classes,
+                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=run.state,
+                         on_checkpoint=run.save, log=ctx.log, validate=ctx.validator(cache),
+                         on_metrics=run.on_metrics)
     videos, labels = pixels.all_videos()
     uri = ctx.uri(SET_FOLDER)
     meta = export_pixels(ctx.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,
                          syn_lr=learned_lr(pixels, recipe), config_hash=ctx.input_hash)
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"],
-            "validation": ctx.report_validation(f"pixels-{method}", record),
+            "validation": ctx.report_validation(f"pixels-{method}", record), "workers": run.workers,
             "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}

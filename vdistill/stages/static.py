@@ -1,11 +1,13 @@
 """Stage 1: distil still images per class from single real frames (the static memory, METHOD.md 4)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from vdistill.config import Config
+from vdistill.data.clips import ClassSampler
 from vdistill.data.pixels import to_uint8
 from vdistill.device import resolve_device
 from vdistill.distill.loop import Recipe, distill
@@ -14,6 +16,8 @@ from vdistill.distill.synset import FrozenPixelSet, PixelSet, SlotLayout, init_s
 from vdistill.render import image_grid
 from vdistill.stage import RunContext, Stage, fields, validation_reads
 from vdistill.stages.experts import snapshot_reader
+from vdistill.stages.workers import Loop, prepare_loop
+from vdistill.storage import Storage
 
 # What the static stage reads from `dynamic`: the slot layout (how many stills per class) and the checkpoint
 # period, plus, for static.method=mtt, the trajectory-matching settings.
@@ -31,24 +35,29 @@ def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
                  lambda ctx: _distil(ctx, ingest, frame_experts))
 
 
+def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device) -> Loop:
+    """Real frames as the starting stills, the stage's recipe and its loop generator (`workers.Build`)."""
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
+    images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample, device)
+    return Loop(PixelSet(images, layout.num_classes), Recipe.static(cfg.static, cfg.dynamic, cfg.validation),
+                generator, layout.num_classes, scorer=partial(_as_still_videos, frames=sampler.manifest["frames"]))
+
+
 def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict[str, Any]:
-    cfg = ctx.cfg
+    cfg, cache = ctx.cfg, ctx.output(ingest)["cache"]
     snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(frame_experts)["trajectories"])
                             if frame_experts else (None, []))
-    recipe = Recipe.static(cfg.static, cfg.dynamic, cfg.validation)
-    device, generator = resolve_device(cfg.run.device), torch.Generator().manual_seed(cfg.run.seed)
-    with ctx.real_clips(ctx.output(ingest)["cache"]) as sampler:
+    device = resolve_device(cfg.run.device)
+    with ctx.real_clips(cache) as sampler:
+        loop = build_loop(cfg, ctx.storage, sampler, device)
+        stills = loop.synset
         layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
-        images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample,
-                                    device)
-        stills = PixelSet(images, layout.num_classes)
-        state, save = ctx.checkpointing(sampler)
-        record = distill(stills, recipe, sampler.sample, generator, device, num_classes=layout.num_classes,
-                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=state,
-                         on_checkpoint=save, validate=_as_still_videos(ctx.validator(ctx.output(ingest)["cache"]),
-                                                                       sampler.manifest["frames"]),
-                         on_metrics=ctx.progress("static", recipe.iterations, state["iteration"] if state else 0),
-                         log=ctx.log)
+        run = prepare_loop(ctx, "static", loop, build_loop, cache, sampler)
+        record = distill(stills, loop.recipe, sampler.sample, loop.generator, device, num_classes=layout.num_classes,
+                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=run.state,
+                         on_checkpoint=run.save, validate=loop.scorer(ctx.validator(cache)),
+                         on_metrics=run.on_metrics, log=ctx.log)
     images = stills.videos.detach()
     uri = ctx.uri("static_memory.safetensors")
     ctx.storage.write_tensors(uri, {"static_memory": images}, {
@@ -56,7 +65,8 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
     return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
             "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc,
-            "validation": ctx.report_validation("static", record), "seconds_per_iteration": ctx.iteration_seconds(),
+            "validation": ctx.report_validation("static", record), "workers": run.workers,
+            "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}
 
 
