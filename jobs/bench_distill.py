@@ -2,6 +2,12 @@
 
 Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`
        `python jobs/bench_distill.py --pipeline`
+       `python jobs/bench_distill.py --workers 1,2`
+
+`--workers 1,2`: the same DM+S2D dynamic stage through the pipeline with each `run.distill_workers` (1 = the
+coordinator's own loop with every core; N > 1 = a Ray Train group of N workers of `cores / N` threads), its
+seconds per iteration and the speed-up over the first count next to the ideal, the ratio of cores used (on one
+machine the same cores: 1.0, so the column shows what the worker group costs); no validation split: timing only.
 
 `--pipeline`: the DM+S2D dynamic stage run through the pipeline (`run_pipeline`: coordinator actor, local Ray,
 real footage at 16 classes x 16x64^2, ConvNet3D width 128 paper head, batch_real 16), its seconds per iteration
@@ -152,10 +158,14 @@ def main() -> None:
                         "as the reference figures)")
     parser.add_argument("--pipeline", action="store_true",
                         help="the dynamic stage through the pipeline vs the library")
+    parser.add_argument("--workers", help="comma list of run.distill_workers for the pipeline's DM+S2D stage")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if args.workers:
+        workers_scaling(args.device, 2 if args.quick else 4, [int(n) for n in args.workers.split(",")])
         return
     if args.pipeline:
         pipeline_vs_library(args.device, 2 if args.quick else 4)
@@ -226,6 +236,41 @@ def pipeline_vs_library(device: str, iters: int) -> None:
     print(f"{'through the pipeline':<32} {through['best']:>9.3f} {through['median']:>11.3f}   (whole run {wall:.0f} s)")
     print(f"{'library loop, ' + str(threads) + ' threads':<32} {library['seconds']:>9.3f} {'':>11}")
     print(f"pipeline / library: {through['best'] / library['seconds']:.2f}x")
+
+
+def workers_scaling(device: str, iters: int, counts: list[int]) -> None:
+    """Seconds per DM+S2D iteration through the pipeline for each number of distillation workers."""
+    import tempfile
+
+    from vdistill.config import load_config
+    from vdistill.coordinator import connect_ray, run_pipeline
+
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vdistill-bench-") as root:
+        for n in counts:
+            cfg = load_config(None, [*PIPELINE, f"run.root={root}", f"run.name=bench-workers-{n}",
+                                     f"cache.uri={root}/cache", "data.val_fraction=0", f"run.device={device}",
+                                     f"dynamic.iterations={iters + 1}", f"run.distill_workers={n}",
+                                     f"run.distill_cpus_per_worker={max(1, cores // n)}"])
+            connect_ray(cfg)
+            tic = time.perf_counter()
+            seconds = run_pipeline(cfg, until="distill", demo=True)["dynamic-dm"]["seconds_per_iteration"]
+            rows.append((n, cores if n == 1 else max(1, cores // n), seconds, time.perf_counter() - tic))
+            import ray
+
+            ray.shutdown()
+    shape = SHAPES["pipeline"]
+    print(f"\nDM+S2D dynamic stage through the pipeline, {cfg.demo.num_classes} classes x vpc 1, "
+          f"{shape['frames']}x{shape['size']}^2, ConvNet3D width {shape['width']} paper head, batch_real "
+          f"{shape['batch_real']}, {cores} core(s), device {device}; best / median of its {iters + 1} iterations")
+    print(f"{'workers':>7} {'threads each':>12} {'best s/it':>9} {'median s/it':>11} {'speed-up':>8} {'ideal':>5}"
+          f" {'run wall s':>10}")
+    first_n, first_threads, first, _ = rows[0]
+    for n, threads, seconds, wall in rows:  # ideal: the ratio of cores used (the same cores: 1.0)
+        print(f"{n:>7} {threads:>12} {seconds['best']:>9.3f} {seconds['median']:>11.3f} "
+              f"{first['median'] / seconds['median']:>8.2f} {n * threads / (first_n * first_threads):>5.1f} "
+              f"{wall:>10.0f}")
 
 
 def _versus_original(shape: str, method: str, syn_steps: int, measured: dict) -> str:
