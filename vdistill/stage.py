@@ -75,8 +75,8 @@ def validation_reads(cfg: Config) -> dict[str, Any]:
 
 
 def validator(cfg: Config, storage: Storage, cache_uri: str) -> Validate | None:
-    """`score(source) -> top-1` on the cache's validation split, or None
-    when the cache has none (`data.val_fraction=0`). A set already scored under the same protocol is not trained
+    """`score(source) -> top-1` on the cache's validation split, or None when the cache has none
+    (`data.val_fraction=0`). A set already scored under the same protocol is not trained
     again: its score is kept under the run folder by the set's content (MTT+S2D and DM+S2D start from the same
     set, and so do the two pixel baselines)."""
     manifest = read_manifest(storage, cache_uri)

@@ -78,7 +78,8 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
         record = distill(synset, recipe, sampler.sample, loop.generator, device,
                          num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot,
                          expert_ids=expert_ids, state=run.state, on_checkpoint=run.save, on_metrics=run.on_metrics,
-                         on_eval=on_eval if settings.eval_every else None, validate=ctx.validator(cache), log=ctx.log)
+                         on_eval=on_eval if settings.eval_every else None, validate=loop.scorer(ctx.validator(cache)),
+                         log=ctx.log)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
     t = synset.state_tensors()
     uri = ctx.uri(SET_FOLDER)

@@ -57,7 +57,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | 
         run = prepare_loop(ctx, f"pixels-{method}", loop, build, cache, sampler)
         record = distill(pixels, recipe, sampler.sample, loop.generator, device, num_classes=sampler.num_classes,
                          model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=run.state,
-                         on_checkpoint=run.save, log=ctx.log, validate=ctx.validator(cache),
+                         on_checkpoint=run.save, log=ctx.log, validate=loop.scorer(ctx.validator(cache)),
                          on_metrics=run.on_metrics)
     videos, labels = pixels.all_videos()
     uri = ctx.uri(SET_FOLDER)
