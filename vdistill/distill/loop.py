@@ -21,7 +21,7 @@ from torch import nn
 
 from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig, StaticConfig, ValidationConfig
 from vdistill.data.pixels import to_model_input
-from vdistill.distill.objectives import MTT_MODES, dc_class_loss, dm_loss, mtt_plan, random_network
+from vdistill.distill.objectives import MTT_MODES, Shard, dc_class_loss, dm_loss, mtt_plan, random_network
 from vdistill.distill.synset import RealSampler, S2DSet, draw_seed, random_real_frames, substream
 from vdistill.errors import UserError
 from vdistill.models import build_model, seeded
@@ -112,10 +112,10 @@ def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
 
 
 def _mtt_loss_fn(synset: SyntheticSet, num_items: int, batch: int, snapshot: SnapshotReader,
-                 build_student: Callable[[], nn.Module], mtt: DynamicConfig, dtype: torch.dtype, device: torch.device
-                 ) -> LossFn:
+                 build_student: Callable[[], nn.Module], mtt: DynamicConfig, dtype: torch.dtype, device: torch.device,
+                 shard: Shard | None) -> LossFn:
     """MTT: next expert from the cursor, random start epoch in [0, max_start_epoch), `syn_steps` student steps of
-    `batch` of the `num_items` synthetic videos."""
+    `batch` of the `num_items` synthetic videos (with `shard`, this worker's rows of each step's batch)."""
     objective = MTT_MODES[mtt.mtt_mode]
     # Only the architecture matters (weights come from the flat vectors); seeded so the global RNG is not consumed.
     student = seeded(0, build_student).to(device=device, dtype=dtype).train()
@@ -127,7 +127,7 @@ def _mtt_loss_fn(synset: SyntheticSet, num_items: int, batch: int, snapshot: Sna
         target = snapshot(expert, start_epoch + mtt.expert_epochs).to(device=device, dtype=dtype)
         _check_trajectory(expert, start_epoch, start_epoch + mtt.expert_epochs, start, target)
         plan = mtt_plan(num_items, mtt.syn_steps, batch, generator)
-        return objective(student, start, target, synset.syn_lr, synset.materialize, plan, synset.leaves())
+        return objective(student, start, target, synset.syn_lr, synset.materialize, plan, synset.leaves(), shard)
 
     return loss_fn
 
@@ -241,12 +241,13 @@ def _items(synset: SyntheticSet, batch_syn: int) -> tuple[int, int]:
 
 
 def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, build: Callable[[], nn.Module],
-             classes: Sequence[int], snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
+             num_classes: int, shard: Shard | None, snapshot: SnapshotReader | None, device: torch.device) -> LossFn:
     dtype = synset.leaves()[0].dtype
     if recipe.method == "mtt":
         if snapshot is None:
             raise ValueError("method mtt needs expert trajectories: pass `snapshot` and `expert_ids`")
-        return _mtt_loss_fn(synset, *_items(synset, recipe.mtt.batch_syn), snapshot, build, recipe.mtt, dtype, device)
+        return _mtt_loss_fn(synset, *_items(synset, recipe.mtt.batch_syn), snapshot, build, recipe.mtt, dtype, device,
+                            shard)
     if recipe.method not in PER_CLASS_OBJECTIVES or (recipe.method == "dc" and not recipe.frames_only):
         raise ValueError(f"{recipe.name}: unknown method {recipe.method!r}")
 
@@ -255,18 +256,8 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
             return to_model_input(random_real_frames(sample_real, c, recipe.batch_real, g), device)
         return to_model_input(sample_real(c, recipe.batch_real, g), device)
 
+    classes = range(num_classes) if shard is None else shard.classes(num_classes)
     return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, classes, dtype, device)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One worker's part of a DM / DC loop that several workers run in lock-step: it computes the terms of its
-    `classes` only, and `all_reduce` sums a flat tensor in place over the workers, so that every worker holds the
-    whole loss and gradient and takes the same step. Each class draws from its own substream of the iteration's
-    seed, so the set does not depend on how the classes are split (up to the order of floating-point sums)."""
-
-    classes: Sequence[int]
-    all_reduce: Callable[[torch.Tensor], None]
 
 
 def _sum_over_workers(loss: torch.Tensor, leaves: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
@@ -393,20 +384,17 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
     loop with `Diverged` naming the loop, the iteration and the config keys to lower, before anything non-finite
     can be checkpointed or exported. Returns the validation record (empty without validation).
 
-    With `shard` (DM / DC only), this is one of several workers running the loop in lock-step: it computes its
-    classes' terms, and the loss and gradients are summed over the workers before every step (`Shard`), so every
-    worker holds the same set; `validate` must then return the same score on every worker.
+    With `shard`, this is one of several workers running the loop in lock-step: DM / DC compute the terms of the
+    worker's classes, MTT its rows of every student step's batch, and the loss and gradients are summed over the
+    workers before every step (`Shard`), so every worker holds the same set; `validate` must then return the same
+    score on every worker.
     """
     device = torch.device(device)
     guard = recipe.validation if validate is not None else None
     if recipe.mtt is not None:
         synset.syn_lr.requires_grad_(recipe.mtt.train_lr)
-    if shard is not None and recipe.method == "mtt":
-        raise ValueError(f"{recipe.name}: MTT cannot be split over workers by class (one student trains on every "
-                         "class); run it on one worker")
-    classes = shard.classes if shard is not None else range(num_classes)
-    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), classes, snapshot,
-                       device)
+    loss_fn = _loss_fn(recipe, synset, sample_real, _network(synset, num_classes, model_cfg), num_classes, shard,
+                       snapshot, device)
     cursor = ExpertCursor(list(expert_ids))
     record, best_tensors, start = ValidationRecord(), synset.state_tensors(), 0
     optimizers = _optimizers(synset, recipe, 0, 1.0)
@@ -473,7 +461,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
                     param_group["lr"] = recipe.step_size(group, it, record.lr_scale)
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(generator, cursor)
-        if shard is not None:
+        if shard is not None and recipe.method != "mtt":  # MTT's objective sums its workers' shares itself
             loss = _sum_over_workers(loss, synset.leaves(), shard)
         finite = bool(torch.isfinite(loss))
         if finite:

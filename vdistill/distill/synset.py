@@ -335,13 +335,16 @@ class S2DSet:
         """Every tensor whose gradient the objectives must deliver (excluding `syn_lr`)."""
         return [t for group in self.trainable().values() for t in group]
 
-    def materialize(self, items: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(self, items: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Items `(n,)` -> videos `(n, T, 3, H, W)`, labels `(n,)` on the set's device; differentiable.
 
-        Each item's still is drawn from `generator` (replaying a generator state replays the draw).
+        Each item's still is drawn from `generator` (replaying a generator state replays the draw). With `rows`,
+        only `items[rows]` are made, their stills drawn as for all of `items` (a worker's share of a batch).
         """
-        rows = self.layout.draw_statics(items, generator)
-        videos = integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items, rows)
+        statics = self.layout.draw_statics(items, generator)[rows]
+        items = items[rows]
+        videos = integrate_items(self.layout, self.static_memory, self.dynamic_memory, self.integrator, items, statics)
         return videos, self.layout.labels(items).to(self.device)
 
     def all_videos(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,9 +456,11 @@ class PixelSet:
     def leaves(self) -> list[torch.Tensor]:
         return [self.videos]
 
-    def materialize(self, slots: torch.Tensor, generator: torch.Generator | None = None
+    def materialize(self, slots: torch.Tensor, generator: torch.Generator | None = None, rows: slice = slice(None)
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots `(n,)` -> videos `(n, T, 3, H, W)`, labels; `generator` is unused (no pairing) but kept for the API."""
+        """Slots `(n,)` (`slots[rows]` with `rows`) -> videos `(n, T, 3, H, W)`, labels; `generator` is unused (no
+        pairing) but kept for the API."""
+        slots = slots[rows]
         return self.videos[slots.to(self.device)], self.labels(slots)
 
     def all_videos(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
