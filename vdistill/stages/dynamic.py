@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -44,8 +44,9 @@ def learned_lr(synset: Any, recipe: Recipe) -> float | None:
 
 
 def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *, method: str,
-               static_uri: str) -> Loop:
-    """The stage's set around the static memory, its recipe and its loop generator (`workers.Build`)."""
+               static_uri: str, trajectories: Sequence[str] = ()) -> Loop:
+    """The stage's set around the static memory, its recipe, its loop generator and, for MTT, the video experts'
+    `trajectories` (`workers.Build`)."""
     settings = cfg.dynamic_for(method)
     static_memory = storage.read_tensors(static_uri)["static_memory"]
     layout = SlotLayout.from_config(sampler.num_classes, settings, sampler.manifest["frames"])
@@ -53,8 +54,9 @@ def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: tor
                            torch.Generator().manual_seed(cfg.run.seed), syn_lr=settings.lr_teacher,
                            train_static=settings.train_static, integrator_init=settings.integrator_init,
                            dynamic_init=settings.init, sample_real=sampler.sample)
+    snapshot, expert_ids = snapshot_reader(storage, list(trajectories)) if trajectories else (None, [])
     return Loop(synset, Recipe.dynamic(settings, cfg.validation), torch.Generator().manual_seed(cfg.run.seed),
-                layout.num_classes)
+                layout.num_classes, snapshot=snapshot, expert_ids=expert_ids)
 
 
 def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_experts: Stage | None
@@ -62,22 +64,21 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
     cfg, settings = ctx.cfg, ctx.cfg.dynamic_for(method)
     cache, device = ctx.output(ingest)["cache"], resolve_device(cfg.run.device)
     static_uri = ctx.output(static)["static_memory"]
-    snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
-                            if method == "mtt" else (None, []))
     pending: list[tuple[int, PendingEvaluation]] = []
 
     def on_eval(iteration: int, source: Any) -> None:  # evaluations run as Ray tasks, collected at the end
         test = ctx.split(cache, cfg.data.test_split)
         pending.append((iteration, launch_evaluation(source, test, cfg, lr=eval_lr(cfg, source))))
 
-    build = partial(build_loop, method=method, static_uri=static_uri)
+    build = partial(build_loop, method=method, static_uri=static_uri,
+                    trajectories=ctx.output(video_experts)["trajectories"] if method == "mtt" else ())
     with ctx.real_clips(cache) as sampler:
         loop = build(cfg, ctx.storage, sampler, device)
         synset, recipe, layout = loop.synset, loop.recipe, loop.synset.layout
         run = prepare_loop(ctx, f"dynamic-{method}", loop, build, cache, sampler)
         record = distill(synset, recipe, sampler.sample, loop.generator, device,
-                         num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=snapshot,
-                         expert_ids=expert_ids, state=run.state, on_checkpoint=run.save, on_metrics=run.on_metrics,
+                         num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=loop.snapshot,
+                         expert_ids=loop.expert_ids, state=run.state, on_checkpoint=run.save, on_metrics=run.on_metrics,
                          on_eval=on_eval if settings.eval_every else None, validate=loop.scorer(ctx.validator(cache)),
                          log=ctx.log)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
@@ -89,7 +90,7 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
                       metrics={"best_during_distillation": best, "validation": record.to_dict()})
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"], "best": best,
             "validation": ctx.report_validation(f"dynamic-{method}", record),
-            "resumed_from": run.resumed_from, "workers": run.workers, "seconds_per_iteration": ctx.iteration_seconds(),
+            **run.summary(), "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}
 
 

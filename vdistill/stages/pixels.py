@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -36,27 +36,30 @@ def stage(cfg: Config, method: str, ingest: Stage, video_experts: Stage | None) 
                  lambda ctx: _distil(ctx, method, ingest, video_experts))
 
 
-def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *, method: str) -> Loop:
-    """Random real clips as the starting videos, the baseline's recipe and its loop generator (`workers.Build`)."""
+def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *, method: str,
+               trajectories: Sequence[str] = ()) -> Loop:
+    """Random real clips as the starting videos, the baseline's recipe, its loop generator and, for MTT, the video
+    experts' `trajectories` (`workers.Build`)."""
     settings = cfg.dynamic_for(method)
     pixels = PixelSet.from_real(sampler.sample, sampler.num_classes, settings.vpc,
                                 torch.Generator().manual_seed(cfg.run.seed), device,
                                 syn_lr=cfg.dynamic_for("mtt").lr_teacher)
+    snapshot, expert_ids = snapshot_reader(storage, list(trajectories)) if trajectories else (None, [])
     return Loop(pixels, Recipe.pixels(method, cfg.baselines, settings, cfg.validation),
-                torch.Generator().manual_seed(cfg.run.seed), sampler.num_classes)
+                torch.Generator().manual_seed(cfg.run.seed), sampler.num_classes, snapshot=snapshot,
+                expert_ids=expert_ids)
 
 
 def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | None) -> dict[str, Any]:
     cfg, cache, device = ctx.cfg, ctx.output(ingest)["cache"], resolve_device(ctx.cfg.run.device)
-    snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(video_experts)["trajectories"])
-                            if method == "mtt" else (None, []))
-    build = partial(build_loop, method=method)
+    build = partial(build_loop, method=method,
+                    trajectories=ctx.output(video_experts)["trajectories"] if method == "mtt" else ())
     with ctx.real_clips(cache) as sampler:
         loop = build(cfg, ctx.storage, sampler, device)
         pixels, recipe = loop.synset, loop.recipe
         run = prepare_loop(ctx, f"pixels-{method}", loop, build, cache, sampler)
         record = distill(pixels, recipe, sampler.sample, loop.generator, device, num_classes=sampler.num_classes,
-                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=run.state,
+                         model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=run.state,
                          on_checkpoint=run.save, log=ctx.log, validate=loop.scorer(ctx.validator(cache)),
                          on_metrics=run.on_metrics)
     videos, labels = pixels.all_videos()
@@ -64,6 +67,6 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | 
     meta = export_pixels(ctx.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,
                          syn_lr=learned_lr(pixels, recipe), config_hash=ctx.input_hash)
     return {"set": uri, "syn_lr": meta["syn_lr"], "storage": meta["storage"],
-            "validation": ctx.report_validation(f"pixels-{method}", record), "workers": run.workers,
+            "validation": ctx.report_validation(f"pixels-{method}", record), **run.summary(),
             "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -35,27 +35,30 @@ def stage(cfg: Config, ingest: Stage, frame_experts: Stage | None) -> Stage:
                  lambda ctx: _distil(ctx, ingest, frame_experts))
 
 
-def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device) -> Loop:
-    """Real frames as the starting stills, the stage's recipe and its loop generator (`workers.Build`)."""
+def build_loop(cfg: Config, storage: Storage, sampler: ClassSampler, device: torch.device, *,
+               trajectories: Sequence[str] = ()) -> Loop:
+    """Real frames as the starting stills, the stage's recipe, its loop generator and, for static.method=mtt, the
+    frame experts' `trajectories` (`workers.Build`)."""
     generator = torch.Generator().manual_seed(cfg.run.seed)
     layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
     images = init_static_memory(layout, sampler.manifest["size"], cfg.static.init, generator, sampler.sample, device)
+    snapshot, expert_ids = snapshot_reader(storage, list(trajectories)) if trajectories else (None, [])
     return Loop(PixelSet(images, layout.num_classes), Recipe.static(cfg.static, cfg.dynamic, cfg.validation),
-                generator, layout.num_classes, scorer=partial(_as_still_videos, frames=sampler.manifest["frames"]))
+                generator, layout.num_classes, scorer=partial(_as_still_videos, frames=sampler.manifest["frames"]),
+                snapshot=snapshot, expert_ids=expert_ids)
 
 
 def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict[str, Any]:
     cfg, cache = ctx.cfg, ctx.output(ingest)["cache"]
-    snapshot, expert_ids = (snapshot_reader(ctx.storage, ctx.output(frame_experts)["trajectories"])
-                            if frame_experts else (None, []))
+    build = partial(build_loop, trajectories=ctx.output(frame_experts)["trajectories"] if frame_experts else ())
     device = resolve_device(cfg.run.device)
     with ctx.real_clips(cache) as sampler:
-        loop = build_loop(cfg, ctx.storage, sampler, device)
+        loop = build(cfg, ctx.storage, sampler, device)
         stills = loop.synset
         layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
-        run = prepare_loop(ctx, "static", loop, build_loop, cache, sampler)
+        run = prepare_loop(ctx, "static", loop, build, cache, sampler)
         record = distill(stills, loop.recipe, sampler.sample, loop.generator, device, num_classes=layout.num_classes,
-                         model_cfg=cfg.model, snapshot=snapshot, expert_ids=expert_ids, state=run.state,
+                         model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=run.state,
                          on_checkpoint=run.save, validate=loop.scorer(ctx.validator(cache)),
                          on_metrics=run.on_metrics, log=ctx.log)
     images = stills.videos.detach()
@@ -65,7 +68,7 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
     ctx.tracker.log_image(image_grid(to_uint8(images), nrow=layout.spc), "static_memory.png")  # a row per class
     return {"static_memory": uri, "shape": list(images.shape), "classes": sampler.classes,
             "normalisation": "imagenet", "class_order": "class-major", "spc": layout.spc,
-            "validation": ctx.report_validation("static", record), "workers": run.workers,
+            "validation": ctx.report_validation("static", record), **run.summary(),
             "seconds_per_iteration": ctx.iteration_seconds(),
             "loss": ctx.loss_trend()}
 

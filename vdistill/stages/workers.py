@@ -1,20 +1,20 @@
-"""A DM / DC distillation stage on a Ray Train worker group (`run.distill_workers` > 1).
+"""A distillation stage on a Ray Train worker group (`run.distill_workers` > 1).
 
 Each worker rebuilds the stage's loop (`Loop`, from the stage's own `build` function) and runs the same `distill`
-on its block of classes (`loop.Shard`): the loss and gradients are summed over the workers every iteration (gloo
-on CPU, NCCL on GPU), so every worker takes the same step and the set does not depend on the number of workers
-(METHOD.md 5.4). Rank 0 trains the validation networks and broadcasts the score, writes the checkpoints (with the
-real-clip pools of every rank's classes) and sends progress to the coordinator through a queue, without a
-barrier. The stage body then finishes from the group's last checkpoint exactly as a resumed stage does, so a
-stage started on N workers resumes on any number, and a worker group that fails restarts from its checkpoint
-(`FailureConfig`).
+on its part (`objectives.Shard`): DM / DC a block of classes, MTT a block of rows of every student step's batch.
+The workers sum their shares (gloo on CPU, NCCL on GPU): DM / DC once per iteration, MTT at every student step,
+so every worker takes the same step and the set does not depend on the number of workers (METHOD.md 5.4, 5.5a).
+Rank 0 trains the validation networks and broadcasts the score, writes the checkpoints (with the real-clip pools
+of every rank's classes) and sends progress to the coordinator through a queue, without a barrier. The stage body
+then finishes from the group's last checkpoint exactly as a resumed stage does, so a stage started on N workers
+resumes on any number, and a worker group that fails restarts from its checkpoint (`FailureConfig`).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -22,21 +22,25 @@ from vdistill.checkpoint import load_state, save_state
 from vdistill.config import Config
 from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
-from vdistill.distill.loop import OnMetrics, Recipe, Shard, SyntheticSet, Validate, distill
+from vdistill.distill.loop import OnMetrics, Recipe, SnapshotReader, SyntheticSet, Validate, distill
+from vdistill.distill.objectives import Shard, class_blocks
 from vdistill.stage import RunContext, validator
 from vdistill.storage import Storage, join
 
 
 @dataclass
 class Loop:
-    """A stage's loop as `distill` takes it: the set, its recipe, the generator the loop draws from, and how the
-    stage's validation sees the set (the static stage scores stills as videos that do not move)."""
+    """A stage's loop as `distill` takes it: the set, its recipe, the generator the loop draws from, how the
+    stage's validation sees the set (the static stage scores stills as videos that do not move), and for MTT the
+    expert trajectories."""
 
     synset: SyntheticSet
     recipe: Recipe
     generator: torch.Generator
     num_classes: int
     scorer: Callable[[Validate | None], Validate | None] = field(default=lambda validate: validate)
+    snapshot: SnapshotReader | None = None
+    expert_ids: Sequence[int] = ()
 
 
 # `build(cfg, storage, sampler, device) -> Loop`: a module-level function (it travels to the workers by name).
@@ -59,13 +63,19 @@ class LoopJob:
 @dataclass
 class Prepared:
     """Where a stage's inline `distill` call starts: the state to resume from, the checkpoint saver and the
-    progress callback, with the iteration the stage resumed from and the workers that ran it."""
+    progress callback, with the iteration the stage resumed from, the workers that ran it and the iterations its
+    worker group started from (more than one: a worker failed and the group restarted from its checkpoint)."""
 
     state: dict[str, Any] | None
     save: Callable[[dict[str, Any]], None]
     on_metrics: OnMetrics
     resumed_from: int
     workers: int
+    group_starts: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """What the stage's manifest records of how its loop ran."""
+        return {"resumed_from": self.resumed_from, "workers": self.workers, "group_starts": self.group_starts}
 
 
 def prepare_loop(ctx: RunContext, name: str, loop: Loop, build: Build, cache_uri: str,
@@ -77,27 +87,28 @@ def prepare_loop(ctx: RunContext, name: str, loop: Loop, build: Build, cache_uri
     resumed_from = state["iteration"] if state else 0
     on_metrics = ctx.progress(name, loop.recipe.iterations, resumed_from)
     workers = ctx.cfg.run.distill_workers
-    if workers > 1 and loop.recipe.method not in ("dm", "dc"):
-        ctx.log(f"[{name}] runs on one worker: {loop.recipe.method.upper()} does not split by class "
-                "(run.distill_workers applies to DM and DC stages)")
-        workers = 1
-    elif workers > 1 and resumed_from < loop.recipe.iterations:
-        ctx.log(f"[{name}] {workers} workers, {len(class_blocks(loop.num_classes, workers)[0])} classes each")
+    if workers > 1 and resumed_from < loop.recipe.iterations:
+        part = ("of every student step's batch" if loop.recipe.method == "mtt"
+                else f"{len(class_blocks(loop.num_classes, workers)[0])} classes each")
+        ctx.log(f"[{name}] {workers} workers, {part}")
         job = LoopJob(ctx.cfg.model_dump(mode="json"), ctx.storage, name, cache_uri, ctx.checkpoint_uri(), build)
-        run_on_workers(ctx.cfg, job, on_metrics)
+
+        def started(iteration: int) -> None:
+            starts.append(iteration)
+            if len(starts) > 1:
+                ctx.log(f"[{name}] a worker failed: the group restarted from its checkpoint at iteration {iteration}")
+
+        starts: list[int] = []
+        run_on_workers(ctx.cfg, job, on_metrics, started)
         state, save = ctx.checkpointing(sampler)
-    return Prepared(state, save, on_metrics, resumed_from, workers)
+        return Prepared(state, save, on_metrics, resumed_from, workers, starts)
+    return Prepared(state, save, on_metrics, resumed_from, 1)
 
 
-def class_blocks(num_classes: int, workers: int) -> list[range]:
-    """Contiguous blocks of classes, as even as they come (a worker beyond the classes gets none)."""
-    bounds = [round(i * num_classes / workers) for i in range(workers + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(workers)]
-
-
-def run_on_workers(cfg: Config, job: LoopJob, on_metrics: OnMetrics) -> None:
+def run_on_workers(cfg: Config, job: LoopJob, on_metrics: OnMetrics, on_start: Callable[[int], None]) -> None:
     """Run the stage's loop to its end on `run.distill_workers` Ray Train workers; the last checkpoint holds the
-    result. Progress reaches `on_metrics` here, from rank 0, while the group runs."""
+    result. Progress reaches `on_metrics` here, from rank 0, while the group runs, and `on_start(iteration)` each
+    time the group (re)starts."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -122,9 +133,10 @@ def run_on_workers(cfg: Config, job: LoopJob, on_metrics: OnMetrics) -> None:
     def drain() -> None:
         while not (done.is_set() and queue.empty()):
             try:
-                on_metrics(*queue.get(timeout=0.5))
+                kind, *message = queue.get(timeout=0.5)
             except Empty:
                 continue
+            (on_start if kind == "start" else on_metrics)(*message)
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()
@@ -178,12 +190,16 @@ def _worker(config: dict[str, Any]) -> None:
 
         def progress(iteration: int, metrics: dict[str, float]) -> None:
             if rank == 0:
-                config["queue"].put_nowait((iteration, metrics))
+                config["queue"].put_nowait(("metrics", iteration, metrics))
+
+        if rank == 0:
+            config["queue"].put_nowait(("start", state["iteration"] if state else 0))
 
         distill(loop.synset, loop.recipe, sampler.sample, loop.generator, device, num_classes=loop.num_classes,
-                model_cfg=cfg.model, state=state, on_checkpoint=save, on_metrics=progress,
-                validate=shared_score if scorer is not None else None,
-                shard=Shard(mine, lambda flat: dist.all_reduce(flat)), log=print if rank == 0 else lambda _: None)
+                model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=state,
+                on_checkpoint=save, on_metrics=progress, validate=shared_score if scorer is not None else None,
+                shard=Shard(rank, world, lambda flat: dist.all_reduce(flat)),
+                log=print if rank == 0 else lambda _: None)
 
 
-__all__ = ["Build", "Loop", "LoopJob", "Prepared", "class_blocks", "prepare_loop", "run_on_workers"]
+__all__ = ["Build", "Loop", "LoopJob", "Prepared", "prepare_loop", "run_on_workers"]
