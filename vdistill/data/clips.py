@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -180,6 +180,22 @@ class ClassSampler:
         self._ahead.clear()
         self._rotation = {int(c): int(r) for c, r in state["rotation"].items()}
         self._drawn = {int(c): int(n) for c, n in state["drawn"].items()}
+
+    def retain(self, classes: Iterable[int]) -> None:
+        """Drop the pools (and reads ahead) of every class not in `classes`: a distillation worker that draws only
+        its own classes holds only their share of `memory_mb`. The counters stay, so a dropped class that is drawn
+        again reads back the same pool."""
+        keep = set(classes)
+        for c in [c for c in self._pools if c not in keep]:
+            del self._pools[c]
+            ahead = self._ahead.pop(c, None)
+            if ahead is not None:
+                ahead.cancel()
+
+    @property
+    def held_mb(self) -> float:
+        """Megabytes of clips the pools hold now (reads ahead not counted)."""
+        return sum(pool.nbytes for pool in self._pools.values()) / 1e6
 
     def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 `(n, T, H, W, 3)`; without replacement within the pool, cycling fresh permutations when n

@@ -175,6 +175,7 @@ def _worker(config: dict[str, Any]) -> None:
         if state is not None:
             sampler.load_state(state.pop("sampler"))
         mine = list(class_blocks(loop.num_classes, world)[rank])
+        sampler.retain(mine if loop.recipe.method != "mtt" else ())  # MTT reads real clips only to build its start
         scorer = loop.scorer(validator(cfg, job.storage, job.cache_uri))
 
         def shared_score(source: Any) -> float:  # rank 0 trains the networks, every rank gets the score
