@@ -87,8 +87,10 @@ PER_CLASS_OBJECTIVES: dict[str, PerClassObjective] = {
 
 def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
                        real_batch: Callable[[int, torch.Generator], torch.Tensor], build_net: Callable[[], nn.Module],
-                       classes: Sequence[int], dtype: torch.dtype, device: torch.device) -> LossFn:
-    """DM / DC: a fresh random network per iteration, every synthetic item of `classes` vs a real batch per class.
+                       classes: Sequence[int], dtype: torch.dtype, device: torch.device, shard: Shard | None = None
+                       ) -> LossFn:
+    """DM / DC: a fresh random network per iteration, every synthetic item of `classes` vs a real batch per class;
+    with `shard` (`classes` being this worker's), the loss and gradients then summed over the workers.
 
     The loss is a sum over classes, so its gradient is accumulated class by class: peak memory holds one
     class's real batch and graph, whatever the number of classes (400 for Kinetics). An iteration takes one
@@ -106,7 +108,7 @@ def _per_class_loss_fn(objective: PerClassObjective, synset: SyntheticSet,
             loss = objective(net, c, real_batch(c, draws).to(dtype), synset.class_videos(c, draws))
             loss.backward()
             total += loss.detach()
-        return total
+        return total if shard is None else _sum_over_workers(total, synset.leaves(), shard)
 
     return loss_fn
 
@@ -257,7 +259,7 @@ def _loss_fn(recipe: Recipe, synset: SyntheticSet, sample_real: RealSampler, bui
         return to_model_input(sample_real(c, recipe.batch_real, g), device)
 
     classes = range(num_classes) if shard is None else shard.classes(num_classes)
-    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, classes, dtype, device)
+    return _per_class_loss_fn(PER_CLASS_OBJECTIVES[recipe.method], synset, real, build, classes, dtype, device, shard)
 
 
 def _sum_over_workers(loss: torch.Tensor, leaves: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
@@ -460,9 +462,7 @@ def distill(synset: SyntheticSet, recipe: Recipe, sample_real: RealSampler, gene
                 if group != "syn_lr":
                     param_group["lr"] = recipe.step_size(group, it, record.lr_scale)
             opt.zero_grad(set_to_none=True)
-        loss = loss_fn(generator, cursor)
-        if shard is not None and recipe.method != "mtt":  # MTT's objective sums its workers' shares itself
-            loss = _sum_over_workers(loss, synset.leaves(), shard)
+        loss = loss_fn(generator, cursor)  # with a shard, already summed over the workers
         finite = bool(torch.isfinite(loss))
         if finite:
             for opt in optimizers.values():
