@@ -23,7 +23,12 @@ real footage at 16 classes x 16x64^2, ConvNet3D width 128 paper head, batch_real
 `--shape small` (the default): an S2D set of 10 classes x 1 video, 8x32^2 clips, ConvNet3D width 64, syn_steps
 5/10/20. `--shape paper`: the original code's configuration (16 classes x 1 video, 16x64^2, ConvNet3D width 128
 with the paper head, pixel sets, batch_real 16, syn_steps 10/20), printed next to the original code's own
-per-iteration figures on this machine kind (2 cores) as the external reference.
+per-iteration figures (`ORIGINAL`, timed one run after vdistill's on one host), flagged as not comparable when
+this host's matmul rate is more than 15% off that host's.
+
+Every configuration also reports its arithmetic: the FLOPs of an iteration (`torch.utils.flop_counter`, counted
+in the memory worker) and the rate the loop ran them at, next to this host's 2048^2 fp32 matmul rate, so that a
+loop's efficiency compares across hosts where seconds do not.
 
 Every configuration runs in a fresh subprocess so that peaks do not leak between them. Peak memory is
 - on CUDA: `torch.cuda.max_memory_allocated` during the iterations minus the allocation before them;
@@ -48,6 +53,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,10 +70,13 @@ PIPELINE = ["demo.kind=footage", "demo.train_per_class=8", "demo.test_per_class=
             "decode.frames=16", "decode.size=64", "model.width=128", "model.head=paper", "train.standardize=true",
             "dynamic.method=dm", "dynamic.batch_real=16", "baselines.s2d_methods=[]", "baselines.pixel_methods=[]",
             "static.iterations=1", "tracking.enabled=false", "run.name=bench-pipeline"]
-# The original code at the paper shape, 2 threads, fp32, on this machine kind (2-core AMD EPYC, AVX2), timed by
-# ../bench-original/side_by_side.sh one run after vdistill's (median of 3 iterations after a warm-up, peak RSS of
-# its process; issue 21's table, 2026-12): (s/iteration, peak GB). Re-measure with that script on your machine.
-ORIGINAL = {("dm", 1): (5.71, 1.41), ("mtt", 10): (28.54, 3.83)}
+# The original code at the paper shape, 2 threads, fp32, timed by ../bench-original/side_by_side.sh one run after
+# vdistill's on one host (median of 3 iterations after a warm-up, peak RSS of its process), 2026-12-07 on a 2-core
+# AMD EPYC (AVX2) whose 2048^2 fp32 matmul ran at ORIGINAL_HOST_GFLOPS on 2 threads: (s/iteration, peak GB).
+# Both codes are bound by that rate (see the GFLOP/s column), so on another host compare only when the measured
+# rate is within ~15% of it, and otherwise re-time both codes with that script.
+ORIGINAL = {("dm", 1): (15.02, 1.40), ("mtt", 10): (95.60, 4.03)}
+ORIGINAL_HOST_GFLOPS = 68.3
 
 
 def _loop_runner(spec: dict, device):
@@ -114,6 +123,7 @@ def _loop_runner(spec: dict, device):
 def _worker(spec: dict) -> dict:
     """One configuration in this process: build everything, warm up, then measure `spec['iters']` iterations."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from vdistill.device import resolve_device
 
@@ -127,7 +137,8 @@ def _worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds: list[float] = []
-    run(spec["iters"] + 1, seconds)
+    with FlopCounterMode(display=False) if spec.get("count_flops") else nullcontext() as counter:
+        run(spec["iters"] + 1, seconds)
     seconds = seconds[1:]  # the first iteration pays one-time kernel setup
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -135,8 +146,27 @@ def _worker(spec: dict) -> dict:
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_base) * 1024  # ru_maxrss is KiB on Linux
     total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, as the original's figure
+    flops = counter.get_total_flops() / (spec["iters"] + 1) if counter is not None else None
     return {"seconds": min(seconds), "peak_mib": peak / 2**20, "total_mib": total / 2**20, "device": str(device),
-            "theta_mib": (spec["syn_steps"] * params * 4 / 2**20 if spec["mode"] == "constant" else 0.0)}
+            "theta_mib": (spec["syn_steps"] * params * 4 / 2**20 if spec["mode"] == "constant" else 0.0),
+            "gflop": None if flops is None else flops / 1e9}
+
+
+def _matmul_worker(spec: dict) -> dict:
+    """This host's fp32 rate on a 2048^2 matmul with `spec['threads']` threads (GFLOP/s, the best of 20): the
+    yardstick that says whether figures from another host compare."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(20):
+        tic = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - tic)
+    return {"gflops": 2 * 2048**3 / best / 1e9}
 
 
 def _scaling_worker(rank: int, world: int, spec: dict, store: str, out: str) -> None:
@@ -230,12 +260,13 @@ def _worker_run(spec: dict, env: dict[str, str]) -> dict:
 
 
 def _measure(spec: dict) -> dict:
-    """Seconds from a default-allocator worker, peak memory from a fixed-mmap-threshold worker (see above)."""
+    """Seconds from a default-allocator worker, peak memory from a fixed-mmap-threshold worker (see above) that
+    also counts the FLOPs of an iteration (`torch.utils.flop_counter`; on CUDA a third worker does)."""
     timed = _worker_run(spec, {})
     if timed["device"].startswith("cuda"):
-        return timed
-    memory = _worker_run({**spec, "iters": 1}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
-    return {**timed, "peak_mib": memory["peak_mib"], "total_mib": memory["total_mib"]}
+        return {**timed, "gflop": _worker_run({**spec, "iters": 1, "count_flops": True}, {})["gflop"]}
+    memory = _worker_run({**spec, "iters": 1, "count_flops": True}, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    return {**timed, "peak_mib": memory["peak_mib"], "total_mib": memory["total_mib"], "gflop": memory["gflop"]}
 
 
 def main() -> None:
@@ -254,7 +285,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(_matmul_worker(spec) if spec.get("matmul") else _worker(spec)))
         return
     if args.scaling:
         sharded_scaling(args.device, args.shape, args.threads or 1, 1 if args.quick else 3,
@@ -276,14 +308,18 @@ def main() -> None:
     print(f"{shape['set']} set, {shape['classes']} classes x vpc {shape['vpc']}, clips {shape['frames']}x"
           f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, "
           f"batch_real {shape['batch_real']}, {threads} thread(s), best of {iters} iterations after one warm-up")
+    host = _worker_run({"matmul": True, "threads": threads}, {})["gflops"]
+    print(f"this host: 2048^2 fp32 matmul at {host:.1f} GFLOP/s on {threads} thread(s)")
     dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
-    print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB\n")
+    print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB, "
+          f"{_rate(dm)}\n")
     header = (f"{'syn_steps':>9} | {'unrolled s/it':>13} {'constant s/it':>13} {'time ratio':>10} | "
               f"{'unrolled MiB':>12} {'constant MiB':>12} {'theta MiB':>9} {'const-theta':>11} {'mem ratio':>9}")
     print(header)
     print("-" * len(header))
     constant_peaks, device_peaks = [], []
-    references = ["DM:" + _versus_original(args.shape, "dm", 1, dm)]
+    references = ["DM:" + _versus_original(args.shape, "dm", 1, dm, host)]
+    arithmetic = []
     for syn_steps in steps_list:
         unrolled = _measure({**base, "method": "mtt", "mode": "unrolled", "syn_steps": syn_steps})
         constant = _measure({**base, "method": "mtt", "mode": "constant", "syn_steps": syn_steps})
@@ -294,17 +330,26 @@ def main() -> None:
               f"{constant['peak_mib']:>12.0f} {constant['theta_mib']:>9.1f} {device_peaks[-1]:>11.0f} "
               f"{constant['peak_mib'] / max(unrolled['peak_mib'], 1e-9):>9.2f}")
         references.append(f"MTT syn_steps {syn_steps}, memory-constant:" + _versus_original(
-            args.shape, "mtt", syn_steps, constant))
+            args.shape, "mtt", syn_steps, constant, host))
+        arithmetic.append(f"MTT syn_steps {syn_steps}: unrolled {_rate(unrolled)}; memory-constant {_rate(constant)}"
+                          f" ({constant['gflop'] / unrolled['gflop']:.2f}x the arithmetic)")
 
     def spread(values: list[float]) -> float:
         return max(values) / max(min(values), 1e-9)
 
     print(f"\nmemory-constant peak, largest / smallest syn_steps: without theta history {spread(device_peaks):.2f}x "
           f"(target <= 1.10), total {spread(constant_peaks):.2f}x; wall {time.perf_counter() - tic:.0f} s")
+    for line in arithmetic:
+        print(line)
     for line in references:
         if line.endswith(":"):
             continue
         print(line)
+
+
+def _rate(measured: dict) -> str:
+    """`X GFLOP/iteration at Y GFLOP/s`: the arithmetic of an iteration and the rate the loop ran it at."""
+    return f"{measured['gflop']:.0f} GFLOP/iteration at {measured['gflop'] / measured['seconds']:.1f} GFLOP/s"
 
 
 def pipeline_vs_library(device: str, iters: int) -> None:
@@ -369,15 +414,18 @@ def workers_scaling(device: str, iters: int, counts: list[int]) -> None:
               f"{wall:>10.0f}")
 
 
-def _versus_original(shape: str, method: str, syn_steps: int, measured: dict) -> str:
-    """`; original X s/it, Y GB -> Zx faster, W of its memory` at the paper shape, else nothing."""
+def _versus_original(shape: str, method: str, syn_steps: int, measured: dict, host_gflops: float) -> str:
+    """`; original X s/it, Y GB -> Zx faster, W of its memory` at the paper shape, else nothing; flagged when this
+    host's matmul rate is more than 15% off the one the original's figures were taken at."""
     if shape != "paper" or (method, syn_steps) not in ORIGINAL:
         return ""
     seconds, gb = ORIGINAL[method, syn_steps]
+    other_host = abs(host_gflops / ORIGINAL_HOST_GFLOPS - 1) > 0.15
     return (f" {measured['seconds']:.1f} s/it, process peak {measured['total_mib'] / 1024:.2f} GB; original "
             f"{seconds:.1f} s/it, {gb:.1f} GB -> {seconds / measured['seconds']:.2f}x faster, "
-            f"{measured['total_mib'] / 1024 / gb:.2f}x its memory")
-
+            f"{measured['total_mib'] / 1024 / gb:.2f}x its memory"
+            + (f" [NOT COMPARABLE: the original was timed on a host at {ORIGINAL_HOST_GFLOPS} GFLOP/s, this one runs "
+               f"{host_gflops:.1f}; re-time both with ../bench-original/side_by_side.sh]" if other_host else ""))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in one go, for a machine with CUDA (issue 21): the card, the distillation loop at the paper shape
-# (DM, MTT memory-constant and unrolled: s/it and peak device memory), the dynamic stage through the pipeline, and
+# (DM, MTT memory-constant and unrolled: s/it, peak device memory, GFLOP/s), what TF32 and bf16 do to the DM and
+# MTT gradients on this card (jobs/precision_check.py), the dynamic stage through the pipeline, and
 # `vdistill demo` end to end on the GPU, each timed alone, one after the other. Paste its output into the README
 # with the card's name and the date.
 #
@@ -23,6 +24,9 @@ EOF
 
 echo "== distillation loop at the paper shape (jobs/bench_distill.py --shape paper) =="
 python jobs/bench_distill.py --shape paper --device "$DEVICE" $QUICK
+
+echo "== lower precision vs float64 on the objectives' gradients (jobs/precision_check.py) =="
+python jobs/precision_check.py --device "$DEVICE"
 
 echo "== the DM+S2D stage through the pipeline vs the library (jobs/bench_distill.py --pipeline) =="
 python jobs/bench_distill.py --pipeline --device "$DEVICE" $QUICK
