@@ -9,7 +9,7 @@ import torch
 from vdistill.config import Config
 from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
-from vdistill.distill.loop import Recipe, distill
+from vdistill.distill.loop import Recipe
 from vdistill.distill.synset import S2DSet, SlotLayout
 from vdistill.evaluate import PendingEvaluation, launch_evaluation
 from vdistill.export import export_s2d
@@ -76,11 +76,9 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, static: Stage, video_ex
         loop = build(cfg, ctx.storage, sampler, device)
         synset, recipe, layout = loop.synset, loop.recipe, loop.synset.layout
         run = prepare_loop(ctx, f"dynamic-{method}", loop, build, cache, sampler)
-        record = distill(synset, recipe, sampler.sample, loop.generator, device,
-                         num_classes=layout.num_classes, model_cfg=cfg.model, snapshot=loop.snapshot,
-                         expert_ids=loop.expert_ids, state=run.state, on_checkpoint=run.save, on_metrics=run.on_metrics,
-                         on_eval=on_eval if settings.eval_every else None, validate=loop.scorer(ctx.validator(cache)),
-                         log=ctx.log)
+        record = loop.run(sampler, device, cfg.model, state=run.state, on_checkpoint=run.save,
+                          on_metrics=run.on_metrics, on_eval=on_eval if settings.eval_every else None,
+                          validate=loop.scorer(ctx.validator(cache)), log=ctx.log)
     best = _log_evaluations(ctx, f"dynamic-{method}", pending)
     t = synset.state_tensors()
     uri = ctx.uri(SET_FOLDER)

@@ -9,7 +9,7 @@ import torch
 from vdistill.config import Config
 from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
-from vdistill.distill.loop import Recipe, distill
+from vdistill.distill.loop import Recipe
 from vdistill.distill.synset import PixelSet
 from vdistill.export import export_pixels
 from vdistill.stage import RunContext, Stage, fields, validation_reads
@@ -58,10 +58,8 @@ def _distil(ctx: RunContext, method: str, ingest: Stage, video_experts: Stage | 
         loop = build(cfg, ctx.storage, sampler, device)
         pixels, recipe = loop.synset, loop.recipe
         run = prepare_loop(ctx, f"pixels-{method}", loop, build, cache, sampler)
-        record = distill(pixels, recipe, sampler.sample, loop.generator, device, num_classes=sampler.num_classes,
-                         model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=run.state,
-                         on_checkpoint=run.save, log=ctx.log, validate=loop.scorer(ctx.validator(cache)),
-                         on_metrics=run.on_metrics)
+        record = loop.run(sampler, device, cfg.model, state=run.state, on_checkpoint=run.save, log=ctx.log,
+                          validate=loop.scorer(ctx.validator(cache)), on_metrics=run.on_metrics)
     videos, labels = pixels.all_videos()
     uri = ctx.uri(SET_FOLDER)
     meta = export_pixels(ctx.storage, uri, videos=videos, labels=labels, classes=sampler.classes, method=method,

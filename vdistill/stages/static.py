@@ -10,8 +10,7 @@ from vdistill.config import Config
 from vdistill.data.clips import ClassSampler
 from vdistill.data.pixels import to_uint8
 from vdistill.device import resolve_device
-from vdistill.distill.loop import Recipe, distill
-from vdistill.distill.loop import Validate
+from vdistill.distill.loop import Recipe, Validate
 from vdistill.distill.synset import FrozenPixelSet, PixelSet, SlotLayout, init_static_memory
 from vdistill.render import image_grid
 from vdistill.stage import RunContext, Stage, fields, validation_reads
@@ -57,10 +56,8 @@ def _distil(ctx: RunContext, ingest: Stage, frame_experts: Stage | None) -> dict
         stills = loop.synset
         layout = SlotLayout.from_config(sampler.num_classes, cfg.dynamic, sampler.manifest["frames"])
         run = prepare_loop(ctx, "static", loop, build, cache, sampler)
-        record = distill(stills, loop.recipe, sampler.sample, loop.generator, device, num_classes=layout.num_classes,
-                         model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=run.state,
-                         on_checkpoint=run.save, validate=loop.scorer(ctx.validator(cache)),
-                         on_metrics=run.on_metrics, log=ctx.log)
+        record = loop.run(sampler, device, cfg.model, state=run.state, on_checkpoint=run.save,
+                          validate=loop.scorer(ctx.validator(cache)), on_metrics=run.on_metrics, log=ctx.log)
     images = stills.videos.detach()
     uri = ctx.uri("static_memory.safetensors")
     ctx.storage.write_tensors(uri, {"static_memory": images}, {

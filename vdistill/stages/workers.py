@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vdistill.checkpoint import load_state, save_state
-from vdistill.config import Config
+from vdistill.config import Config, ModelConfig
 from vdistill.data.clips import ClassSampler
 from vdistill.device import resolve_device
-from vdistill.distill.loop import OnMetrics, Recipe, SnapshotReader, SyntheticSet, Validate, distill
+from vdistill.distill.loop import (OnMetrics, Recipe, SnapshotReader, SyntheticSet, Validate, ValidationRecord,
+                                   distill)
 from vdistill.distill.objectives import Shard, class_blocks
 from vdistill.stage import RunContext, validator
 from vdistill.storage import Storage, join
@@ -41,6 +42,13 @@ class Loop:
     scorer: Callable[[Validate | None], Validate | None] = field(default=lambda validate: validate)
     snapshot: SnapshotReader | None = None
     expert_ids: Sequence[int] = ()
+
+    def run(self, sampler: ClassSampler, device: torch.device, model_cfg: ModelConfig, **hooks: Any
+            ) -> ValidationRecord:
+        """`distill` on this loop's set, recipe, generator and trajectories, drawing real clips from `sampler`;
+        `hooks` are `distill`'s state, callbacks, validation and shard."""
+        return distill(self.synset, self.recipe, sampler.sample, self.generator, device, num_classes=self.num_classes,
+                       model_cfg=model_cfg, snapshot=self.snapshot, expert_ids=self.expert_ids, **hooks)
 
 
 # `build(cfg, storage, sampler, device) -> Loop`: a module-level function (it travels to the workers by name).
@@ -196,11 +204,10 @@ def _worker(config: dict[str, Any]) -> None:
         if rank == 0:
             config["queue"].put_nowait(("start", state["iteration"] if state else 0))
 
-        distill(loop.synset, loop.recipe, sampler.sample, loop.generator, device, num_classes=loop.num_classes,
-                model_cfg=cfg.model, snapshot=loop.snapshot, expert_ids=loop.expert_ids, state=state,
-                on_checkpoint=save, on_metrics=progress, validate=shared_score if scorer is not None else None,
-                shard=Shard(rank, world, lambda flat: dist.all_reduce(flat)),
-                log=print if rank == 0 else lambda _: None)
+        loop.run(sampler, device, cfg.model, state=state, on_checkpoint=save, on_metrics=progress,
+                 validate=shared_score if scorer is not None else None,
+                 shard=Shard(rank, world, lambda flat: dist.all_reduce(flat)),
+                 log=print if rank == 0 else lambda _: None)
 
 
 __all__ = ["Build", "Loop", "LoopJob", "Prepared", "prepare_loop", "run_on_workers"]
