@@ -1,6 +1,7 @@
 """Benchmark the distillation loop: seconds per iteration (DM, MTT) and peak memory, memory-constant vs unrolled.
 
-Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]`
+Usage: `python jobs/bench_distill.py [--shape small|paper] [--quick] [--device auto|cpu|cuda] [--threads N]
+        [--precision fp32,tf32,bf16]`
        `python jobs/bench_distill.py --pipeline`
        `python jobs/bench_distill.py --workers 1,2`
        `python jobs/bench_distill.py --scaling 1,2 --shape paper`
@@ -25,6 +26,12 @@ real footage at 16 classes x 16x64^2, ConvNet3D width 128 paper head, batch_real
 with the paper head, pixel sets, batch_real 16, syn_steps 10/20), printed next to the original code's own
 per-iteration figures (`ORIGINAL`, timed one run after vdistill's on one host), flagged as not comparable when
 this host's matmul rate is more than 15% off that host's.
+
+`--precision fp32,tf32,bf16`: the first precision gets the full table; then DM and MTT (both modes, the first
+syn_steps) in each one side by side (fp32: TF32 off; tf32: PyTorch's default on a CUDA card, TF32 convolutions;
+bf16: the loop under `torch.autocast`, which a CPU runs only with native bf16), followed by
+`jobs/precision_check.py`'s error of each against float64 on DM's and MTT's gradients. No bf16 switch exists in
+vdistill yet: this measures what one would give.
 
 Every configuration also reports its arithmetic: the FLOPs of an iteration (`torch.utils.flop_counter`, counted
 in the memory worker) and the rate the loop ran them at, next to this host's 2048^2 fp32 matmul rate, so that a
@@ -129,6 +136,9 @@ def _worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = resolve_device(spec["device"])
+    precision = spec.get("precision", "fp32")
+    if device.type == "cuda":  # PyTorch's default allows TF32 convolutions: "fp32" turns it off
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     run, params = _loop_runner(spec, device)
     _warm_up(device)
     if device.type == "cuda":
@@ -137,7 +147,8 @@ def _worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds: list[float] = []
-    with FlopCounterMode(display=False) if spec.get("count_flops") else nullcontext() as counter:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with autocast, FlopCounterMode(display=False) if spec.get("count_flops") else nullcontext() as counter:
         run(spec["iters"] + 1, seconds)
     seconds = seconds[1:]  # the first iteration pays one-time kernel setup
     if device.type == "cuda":
@@ -282,6 +293,11 @@ def main() -> None:
     parser.add_argument("--workers", help="comma list of run.distill_workers for the pipeline's DM+S2D stage")
     parser.add_argument("--scaling", help="comma list of gloo process counts for the library loop's DM and MTT "
                         "(--shape paper, --threads 1 unless given)")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma list of fp32, tf32 (CUDA only: TF32 convolutions, PyTorch's default on Ampere and "
+                        "later) and bf16 (the loop under torch.autocast; CUDA, or a CPU with native bf16): the first "
+                        "gets the full table, the others DM and MTT at the first syn_steps next to it, then "
+                        "jobs/precision_check.py's gradient errors of each against float64")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -303,13 +319,16 @@ def main() -> None:
     threads = args.threads or (2 if args.shape == "paper" else 1)
     iters = 1 if args.quick else (2 if args.shape == "paper" else 4)
     steps_list = shape["syn_steps"][:2] if args.quick else shape["syn_steps"]
-    base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape)
+    precisions = args.precision.split(",")
+    if _unavailable(precisions[0], args.device):
+        parser.error(f"--precision {precisions[0]}: {_unavailable(precisions[0], args.device)}")
+    base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape, precision=precisions[0])
     tic = time.perf_counter()
     print(f"{shape['set']} set, {shape['classes']} classes x vpc {shape['vpc']}, clips {shape['frames']}x"
           f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, "
           f"batch_real {shape['batch_real']}, {threads} thread(s), best of {iters} iterations after one warm-up")
     host = _worker_run({"matmul": True, "threads": threads}, {})["gflops"]
-    print(f"this host: 2048^2 fp32 matmul at {host:.1f} GFLOP/s on {threads} thread(s)")
+    print(f"this host: 2048^2 fp32 matmul at {host:.1f} GFLOP/s on {threads} thread(s); precision {precisions[0]}")
     dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
     print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB, "
           f"{_rate(dm)}\n")
@@ -345,6 +364,51 @@ def main() -> None:
         if line.endswith(":"):
             continue
         print(line)
+    if len(precisions) > 1:
+        print()
+        precisions_side_by_side(base, steps_list[0], precisions)
+
+
+def _unavailable(precision: str, device_name: str) -> str | None:
+    """Why `precision` is not measured on this device (None: it is)."""
+    import torch
+
+    from vdistill.device import resolve_device
+
+    device = resolve_device(device_name)
+    if precision not in ("fp32", "tf32", "bf16"):
+        return f"unknown precision {precision!r}: fp32, tf32 or bf16"
+    if precision == "tf32" and device.type != "cuda":
+        return "TF32 exists on CUDA only"
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ("this CPU has no native bf16 (AVX-512 BF16 / AMX): PyTorch's reference bf16 3-D convolutions are "
+                "tens of times slower than fp32")
+    return None
+
+
+def precisions_side_by_side(base: dict, syn_steps: int, precisions: list[str]) -> None:
+    """DM and MTT (both modes, `syn_steps`) in each precision, then the gradient error of each vs float64."""
+    mtt = f"MTT-{syn_steps}"
+    header = (f"{'precision':<9} | {'DM s/it':>8} {'MiB':>6} | {mtt + ' unrolled':>15} {'MiB':>6} | "
+              f"{mtt + ' constant':>15} {'MiB':>6} | speed-up over {precisions[0]} (DM, unrolled, constant)")
+    print(header)
+    print("-" * len(header))
+    first = None
+    for precision in precisions:
+        reason = _unavailable(precision, base["device"])
+        if reason:
+            print(f"{precision:<9} | not run: {reason}")
+            continue
+        row = [_measure({**base, "precision": precision, "method": "dm", "mode": "constant", "syn_steps": 1})]
+        row += [_measure({**base, "precision": precision, "method": "mtt", "mode": mode, "syn_steps": syn_steps})
+                for mode in ("unrolled", "constant")]
+        first = first or row
+        print(f"{precision:<9} | " + " | ".join(f"{m['seconds']:>{w}.3f} {m['peak_mib']:>6.0f}"
+                                                for m, w in zip(row, (8, 15, 15)))
+              + " | " + ", ".join(f"{a['seconds'] / m['seconds']:.2f}x" for a, m in zip(first, row)), flush=True)
+    print("\ngradient error of each precision against float64 (jobs/precision_check.py):", flush=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("precision_check.py")), "--device", base["device"],
+                    "--threads", str(base["threads"])], check=True)
 
 
 def _rate(measured: dict) -> str:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in one go, for a machine with CUDA (issue 21): the card, the distillation loop at the paper shape
-# (DM, MTT memory-constant and unrolled: s/it, peak device memory, GFLOP/s), what TF32 and bf16 do to the DM and
-# MTT gradients on this card (jobs/precision_check.py), the dynamic stage through the pipeline, and
-# `vdistill demo` end to end on the GPU, each timed alone, one after the other. Paste its output into the README
+# (DM, MTT memory-constant and unrolled: s/it, peak device memory, GFLOP/s; then fp32, TF32 and bf16 autocast side by
+# side with what each does to the DM and MTT gradients, jobs/precision_check.py), the dynamic stage through the
+# pipeline, and `vdistill demo` end to end on the GPU, each timed alone, one after the other. Paste its output into the README
 # with the card's name and the date.
 #
 # Usage: bash jobs/gpu_runbook.sh [--quick]     (from the repository root, after `pip install -e .`)
@@ -22,11 +22,8 @@ else:
     print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
 EOF
 
-echo "== distillation loop at the paper shape (jobs/bench_distill.py --shape paper) =="
-python jobs/bench_distill.py --shape paper --device "$DEVICE" $QUICK
-
-echo "== lower precision vs float64 on the objectives' gradients (jobs/precision_check.py) =="
-python jobs/precision_check.py --device "$DEVICE"
+echo "== distillation loop at the paper shape, fp32 / TF32 / bf16 (jobs/bench_distill.py --shape paper) =="
+python jobs/bench_distill.py --shape paper --device "$DEVICE" --precision fp32,tf32,bf16 $QUICK
 
 echo "== the DM+S2D stage through the pipeline vs the library (jobs/bench_distill.py --pipeline) =="
 python jobs/bench_distill.py --pipeline --device "$DEVICE" $QUICK
