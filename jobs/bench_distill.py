@@ -139,6 +139,7 @@ def _worker(spec: dict) -> dict:
     precision = spec.get("precision", "fp32")
     if device.type == "cuda":  # PyTorch's default allows TF32 convolutions: "fp32" turns it off
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.benchmark = spec.get("cudnn_benchmark", False)
     run, params = _loop_runner(spec, device)
     _warm_up(device)
     if device.type == "cuda":
@@ -298,6 +299,9 @@ def main() -> None:
                         "later) and bf16 (the loop under torch.autocast; CUDA, or a CPU with native bf16): the first "
                         "gets the full table, the others DM and MTT at the first syn_steps next to it, then "
                         "jobs/precision_check.py's gradient errors of each against float64")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="CUDA: let cuDNN time its convolution algorithms for each shape first "
+                        "(torch.backends.cudnn.benchmark); compare with a run without it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -322,13 +326,15 @@ def main() -> None:
     precisions = args.precision.split(",")
     if _unavailable(precisions[0], args.device):
         parser.error(f"--precision {precisions[0]}: {_unavailable(precisions[0], args.device)}")
-    base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape, precision=precisions[0])
+    base = dict(device=args.device, threads=threads, iters=iters, shape=args.shape, precision=precisions[0],
+                cudnn_benchmark=args.cudnn_benchmark)
     tic = time.perf_counter()
     print(f"{shape['set']} set, {shape['classes']} classes x vpc {shape['vpc']}, clips {shape['frames']}x"
           f"{shape['size']}^2, ConvNet3D width {shape['width']} {shape['head']} head, "
           f"batch_real {shape['batch_real']}, {threads} thread(s), best of {iters} iterations after one warm-up")
     host = _worker_run({"matmul": True, "threads": threads}, {})["gflops"]
-    print(f"this host: 2048^2 fp32 matmul at {host:.1f} GFLOP/s on {threads} thread(s); precision {precisions[0]}")
+    print(f"this host: 2048^2 fp32 matmul at {host:.1f} GFLOP/s on {threads} thread(s); precision {precisions[0]}"
+          + ("; cuDNN benchmark mode" if args.cudnn_benchmark else ""))
     dm = _measure({**base, "method": "dm", "mode": "constant", "syn_steps": 1})
     print(f"device {dm['device']}; DM: {dm['seconds']:.3f} s/iteration, peak +{dm['peak_mib']:.0f} MiB, "
           f"{_rate(dm)}\n")

@@ -25,6 +25,11 @@ EOF
 echo "== distillation loop at the paper shape, fp32 / TF32 / bf16 (jobs/bench_distill.py --shape paper) =="
 python jobs/bench_distill.py --shape paper --device "$DEVICE" --precision fp32,tf32,bf16 $QUICK
 
+if [ "$DEVICE" = cuda ]; then
+    echo "== the same in TF32 with cuDNN benchmark mode (compare with the tf32 row above) =="
+    python jobs/bench_distill.py --shape paper --device cuda --precision tf32 --cudnn-benchmark --quick
+fi
+
 echo "== the DM+S2D stage through the pipeline vs the library (jobs/bench_distill.py --pipeline) =="
 python jobs/bench_distill.py --pipeline --device "$DEVICE" $QUICK
 
