@@ -344,10 +344,12 @@ def main() -> None:
     print("-" * len(header))
     constant_peaks, device_peaks = [], []
     references = ["DM:" + _versus_original(args.shape, "dm", 1, dm, host)]
-    arithmetic = []
+    arithmetic, first_row = [], [dm]
     for syn_steps in steps_list:
         unrolled = _measure({**base, "method": "mtt", "mode": "unrolled", "syn_steps": syn_steps})
         constant = _measure({**base, "method": "mtt", "mode": "constant", "syn_steps": syn_steps})
+        if len(first_row) == 1:
+            first_row += [unrolled, constant]
         constant_peaks.append(constant["peak_mib"])
         device_peaks.append(constant["peak_mib"] - constant["theta_mib"])
         print(f"{syn_steps:>9} | {unrolled['seconds']:>13.3f} {constant['seconds']:>13.3f} "
@@ -372,7 +374,7 @@ def main() -> None:
         print(line)
     if len(precisions) > 1:
         print()
-        precisions_side_by_side(base, steps_list[0], precisions)
+        precisions_side_by_side(base, steps_list[0], precisions, first_row)
 
 
 def _unavailable(precision: str, device_name: str) -> str | None:
@@ -392,26 +394,26 @@ def _unavailable(precision: str, device_name: str) -> str | None:
     return None
 
 
-def precisions_side_by_side(base: dict, syn_steps: int, precisions: list[str]) -> None:
-    """DM and MTT (both modes, `syn_steps`) in each precision, then the gradient error of each vs float64."""
+def precisions_side_by_side(base: dict, syn_steps: int, precisions: list[str], first_row: list[dict]) -> None:
+    """DM and MTT (both modes, `syn_steps`) in each precision (the first one's `first_row` measured already: DM,
+    unrolled, constant), then the gradient error of each vs float64."""
     mtt = f"MTT-{syn_steps}"
     header = (f"{'precision':<9} | {'DM s/it':>8} {'MiB':>6} | {mtt + ' unrolled':>15} {'MiB':>6} | "
               f"{mtt + ' constant':>15} {'MiB':>6} | speed-up over {precisions[0]} (DM, unrolled, constant)")
     print(header)
     print("-" * len(header))
-    first = None
     for precision in precisions:
         reason = _unavailable(precision, base["device"])
         if reason:
             print(f"{precision:<9} | not run: {reason}")
             continue
-        row = [_measure({**base, "precision": precision, "method": "dm", "mode": "constant", "syn_steps": 1})]
-        row += [_measure({**base, "precision": precision, "method": "mtt", "mode": mode, "syn_steps": syn_steps})
-                for mode in ("unrolled", "constant")]
-        first = first or row
+        row = first_row if precision == precisions[0] else [
+            _measure({**base, "precision": precision, "method": "dm", "mode": "constant", "syn_steps": 1}),
+            *(_measure({**base, "precision": precision, "method": "mtt", "mode": mode, "syn_steps": syn_steps})
+              for mode in ("unrolled", "constant"))]
         print(f"{precision:<9} | " + " | ".join(f"{m['seconds']:>{w}.3f} {m['peak_mib']:>6.0f}"
                                                 for m, w in zip(row, (8, 15, 15)))
-              + " | " + ", ".join(f"{a['seconds'] / m['seconds']:.2f}x" for a, m in zip(first, row)), flush=True)
+              + " | " + ", ".join(f"{a['seconds'] / m['seconds']:.2f}x" for a, m in zip(first_row, row)), flush=True)
     print("\ngradient error of each precision against float64 (jobs/precision_check.py):", flush=True)
     subprocess.run([sys.executable, str(Path(__file__).with_name("precision_check.py")), "--device", base["device"],
                     "--threads", str(base["threads"])], check=True)
