@@ -2,8 +2,8 @@
 # The GPU figures in one go, for a machine with CUDA (issue 21): the card, the distillation loop at the paper shape
 # (DM, MTT memory-constant and unrolled: s/it, peak device memory, GFLOP/s; then fp32, TF32 and bf16 autocast side by
 # side with what each does to the DM and MTT gradients, jobs/precision_check.py), the dynamic stage through the
-# pipeline, and `vdistill demo` end to end on the GPU, each timed alone, one after the other. Paste its output into the README
-# with the card's name and the date.
+# pipeline, and `vdistill demo` end to end on the GPU, each timed alone, one after the other. Paste its output into
+# the README with the card's name and the date.
 #
 # Usage: bash jobs/gpu_runbook.sh [--quick]     (from the repository root, after `pip install -e .`)
 #        DEVICE=cpu bash jobs/gpu_runbook.sh --quick   checks the script itself on a machine without a GPU
